@@ -34,11 +34,13 @@ test: install
 	@test -z "$$(git status --porcelain --untracked-files=all -- sapl)" || { git status --short -- sapl; echo "untracked files in sapl/"; exit 1; }
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider
 
+REPRO := $(BIN)/python -c 'import sys; from sapl.reproduce import main; main(sys.argv[1:])'
+
 demo: install
-	$(BIN)/python -m sapl.demo
+	$(REPRO) --demo
 
 reproduce: install
-	$(BIN)/python -m sapl.reproduce $(ARGS)
+	$(REPRO) $(ARGS)
 
 docs: install
 	$(BIN)/python -m pip install -q -e ".[docs]"
