@@ -3,7 +3,7 @@
 Copies nbs/ into _docs_src/ without the cells marked `#| hide`, writes a navigation, and runs `mkdocs build`.
 The site lands in _docs/.
 """
-import json, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,8 @@ def main():
     cfg = (ROOT/'mkdocs.yml').read_text() + '\nnav:\n' + ''.join(f'  - {n}\n' for n in nav)
     (ROOT/'_docs_src.yml').write_text(cfg.replace('docs_dir: _docs_src', f'docs_dir: {OUT}'))
     try:
-        subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '-q', '-f', str(ROOT/'_docs_src.yml')], cwd=ROOT, check=True)
+        env = {**os.environ, 'NO_MKDOCS_2_WARNING': '1'}
+        subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '-q', '-f', str(ROOT/'_docs_src.yml')], cwd=ROOT, check=True, env=env)
     finally:
         (ROOT/'_docs_src.yml').unlink(missing_ok=True)
     print(f"docs site written to {ROOT/'_docs'}/index.html")
