@@ -41,6 +41,7 @@ demo: install
 
 reproduce: install
 	$(REPRO) $(ARGS)
+	$(REPRO) --table-v $(ARGS_V)
 
 docs: install
 	$(BIN)/python -m pip install -q -e ".[docs]"
