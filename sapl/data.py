@@ -21,12 +21,13 @@ if not log.handlers:
     log.addHandler(_h); log.setLevel(logging.INFO)
 
 # %% auto #0
-__all__ = ['log', 'PROFILES', 'LAYOUTS', 'HU_WINDOW', 'CACHE_VERSION', 'DATASETS', 'MOSMED_TRAIN_BANDS', 'MOSMED_TEST_BANDS',
-           'project_root', 'resolve', 'Profile', 'get_profile', 'DataError', 'load_nifti', 'check_pair', 'Case',
-           'detect_layout', 'find_cases', 'Split', 'make_split', 'read_split_list', 'paper_split', 'window',
-           'classical_lung_masks', 'lung_masks', 'Volume', 'semantic', 'lung_box', 'crop_resize', 'cache_key',
-           'atomic_path', 'atomic_save_npz', 'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet', 'LabeledSlices',
-           'UnlabeledSlices', 'DataBundle', 'ensure_phantom', 'make_phantom_mosmed', 'prepare_data']
+__all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION', 'DATASETS', 'MOSMED_TRAIN_BANDS',
+           'MOSMED_TEST_BANDS', 'project_root', 'resolve', 'Profile', 'get_profile', 'DataError', 'load_nifti',
+           'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split', 'make_split', 'protocol_split',
+           'read_split_list', 'paper_split', 'window', 'classical_lung_masks', 'lung_masks', 'Volume', 'semantic',
+           'lung_box', 'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path', 'atomic_save_npz',
+           'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet', 'LabeledSlices', 'UnlabeledSlices', 'DataBundle',
+           'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all', 'prepare_data']
 
 # %% ../nbs/00_data.ipynb #e6e9f4e2
 def project_root() -> Path:
@@ -53,8 +54,8 @@ class Profile:
 
 PROFILES = {
     'smoke': Profile('smoke', 32, (4, 8, 16), 4, 2, 3, 8, 64),
-    'quick': Profile('quick', 64, (8, 16, 32, 64), 8, 12, 50, 40, 384),
-    'paper': Profile('paper', 512, (16, 32, 64, 128, 256), 8, 20, None, 40, 384),
+    'quick': Profile('quick', 64, (8, 16, 32, 64), 8, 12, 50, 249, 384),
+    'paper': Profile('paper', 512, (16, 32, 64, 128, 256), 8, 20, None, 249, 384),
 }
 
 def get_profile(name: str) -> Profile:
@@ -160,6 +161,28 @@ def make_split(cases, ratio: float, seed: int = 0, val_frac: float = 0.1, test_f
     n_l = max(1, math.ceil(round(ratio*len(train), 6)))
     return Split(tuple(sorted(train[:n_l])), tuple(sorted(train[n_l:] + unl)), tuple(sorted(val)), tuple(sorted(test)))
 
+COVID249 = dict(n_val=19, n_test=50, labeled={'0.1': 18, '0.2': 36, '0.3': 54})  # the paper's COVID249 lists: 180 train
+
+def protocol_split(ids, seed: int = 0, n_val: int = COVID249['n_val'], n_test: int = COVID249['n_test'],
+                   labeled: dict = COVID249['labeled']) -> dict:
+    "Seeded volume-level split of `ids` in the shape of the paper's lists: test, val, train and nested labeled subsets ({ratio: n})."
+    ids = sorted(ids)
+    n_train = len(ids) - n_val - n_test
+    if n_train < max(labeled.values()): raise ValueError(f"{len(ids)} volumes cannot hold {n_test} test + {n_val} val + {max(labeled.values())} labeled")
+    perm = [ids[i] for i in np.random.default_rng([seed, 1]).permutation(len(ids))]
+    test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    order = [train[i] for i in np.random.default_rng([seed, 2]).permutation(len(train))]  # a prefix of it is labeled: nested
+    return {'protocol': f'{len(ids)} volumes: {n_train} train, {n_val} val, {n_test} test', 'seed': seed, 'train': sorted(train),
+            'labeled': {f'{float(r):g}': sorted(order[:n]) for r, n in labeled.items()}, 'val': sorted(val), 'test': sorted(test)}
+
+def _json_split(js: dict, ratio: float, path) -> Split:
+    "A Split from a split.json: fixed parts (train_l/train_u/val/test) or a protocol split with labeled subsets per ratio."
+    if 'labeled' not in js: return Split(*(tuple(sorted(js[k])) for k in ('train_l', 'train_u', 'val', 'test')))
+    if ratio >= 1: lab = list(js['train'])
+    elif f'{ratio:g}' in js['labeled']: lab = js['labeled'][f'{ratio:g}']
+    else: raise DataError(f"{path}: no labeled list for ratio {ratio:g}; it has {sorted(js['labeled'])} (and 1 = all training volumes)")
+    return Split(tuple(sorted(lab)), tuple(sorted(set(js['train']) - set(lab))), tuple(sorted(js['val'])), tuple(sorted(js['test'])))
+
 _SLICE = re.compile(r'^(?P<vol>.+)_(?P<z>\d{4})\.png$')
 
 def read_split_list(path) -> dict:
@@ -181,8 +204,8 @@ def paper_split(split_dir, ratio: float = 0.1) -> Split:
     "The paper's published split from `split_dir` (COVID249 or MOS1000 folder of xlsx lists), or a `split.json` of volume ids."
     d = Path(split_dir)
     if d.suffix == '.json' or (d/'split.json').exists():
-        js = json.loads((d if d.suffix == '.json' else d/'split.json').read_text())
-        return Split(*(tuple(sorted(js[k])) for k in ('train_l', 'train_u', 'val', 'test')))
+        f = d if d.suffix == '.json' else d/'split.json'
+        return _json_split(json.loads(f.read_text()), ratio, f)
     if (d/f'train_{ratio}_l.xlsx').exists(): tl, tu = read_split_list(d/f'train_{ratio}_l.xlsx'), read_split_list(d/f'train_{ratio}_u.xlsx')
     elif (d/'train_slice_label.xlsx').exists(): tl, tu = read_split_list(d/'train_slice_label.xlsx'), read_split_list(d/'train_slice_unlabel.xlsx')
     else: raise DataError(f"{d}: no train_{ratio}_l.xlsx or train_slice_label.xlsx")
@@ -337,7 +360,16 @@ def crop_resize(a: np.ndarray, box, size: int, mode: str = 'bilinear') -> np.nda
     return F.interpolate(t, size=(size, size), mode=mode, **kw)[:, 0].numpy()
 
 # %% ../nbs/00_data.ipynb #b84e3fab
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+_PREPROCESS_CODE = ('preprocess_case', 'load_nifti', 'check_pair', 'window', 'lung_masks', 'classical_lung_masks', '_to_lps',
+                    '_close2d', '_fill2d', '_largest', 'lung_box', 'crop_resize')
+
+def preprocess_fingerprint() -> str:
+    "Hash of the source code that turns a CT into a cached volume: editing any of it invalidates the cache."
+    import inspect, sapl.data as m
+    try: text = ''.join(inspect.getsource(getattr(m, f)) for f in _PREPROCESS_CODE)
+    except (OSError, TypeError, AttributeError): text = 'source unavailable'
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 def _stamp(p):
     if not p: return None
@@ -346,7 +378,7 @@ def _stamp(p):
 def cache_key(case: Case, size: int, margin_mm: float, weights) -> str:
     "Hash of everything the preprocessed volume depends on."
     w = _stamp(weights) if weights else 'classical'
-    blob = json.dumps([CACHE_VERSION, _stamp(case.image), _stamp(case.label), size, margin_mm, w], default=str)
+    blob = json.dumps([CACHE_VERSION, preprocess_fingerprint(), _stamp(case.image), _stamp(case.label), size, margin_mm, w], default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 @contextmanager
@@ -452,21 +484,29 @@ class DataBundle:
                 f"at {self.profile.size}px ({self.profile.name})")
 
     def fingerprint(self) -> str:
-        "Short hash of the split and the source files (names and sizes) of every volume."
-        size = lambda p: os.path.getsize(p) if p and os.path.exists(p) else -1
-        parts = [[(v.id, Path(v.image_path).name, size(v.image_path), size(v.label_path), [int(z) for z in v.z]) for v in vs]
-                 for vs in (self.train_l, self.train_u, self.val, self.test)]
-        return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
+        "Short hash of what training and evaluation see: the split and every preprocessed array (image, label, lungs, slices)."
+        h = hashlib.sha1()
+        for vs in (self.train_l, self.train_u, self.val, self.test):
+            h.update(json.dumps([v.id for v in vs]).encode())
+            for v in vs:
+                for a in (v.image, v.label, v.lung, v.z):
+                    if a is not None: h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:12]
 
 MOSMED_TRAIN_BANDS = (0.23, 0.62, 0.11, 0.04, 0.002)  # MosMedData's CT-0..CT-4 shares (out-patients)
 MOSMED_TEST_BANDS = (0.0, 0.25, 0.40, 0.25, 0.10)     # an in-patient mix: more extensive disease
 
-def ensure_phantom(data_dir='data/phantom', n_volumes: int = 40, seed: int = 0, matrix: int = 384) -> Path:
-    "Generate the phantom into `data_dir` unless it is already there."
-    from sapl.phantom import make_phantom
+def ensure_phantom(data_dir='data/phantom', n_volumes: int = 249, seed: int = 0, matrix: int = 384) -> Path:
+    "Generate the phantom into `data_dir` unless it is already there; with 249 volumes also its COVID249-shaped `split.json`."
+    from sapl.phantom import make_phantom, phantom_name
     d = resolve(data_dir)
-    if not (d/'phantom.json').exists(): print(f"phantom not found in {d}: generating {n_volumes} volumes (matrix {matrix}, seed {seed}) ...")
-    make_phantom(d, n_volumes=n_volumes, seed=seed, matrix=matrix)
+    if not (d/'phantom.json').exists(): print(f"phantom not found in {d}: generating {n_volumes} volumes (matrix {matrix}, seed {seed}) ...", flush=True)
+    make_phantom(d, n_volumes=n_volumes, seed=seed, matrix=matrix, verbose=not (d/'phantom.json').exists())
+    if n_volumes == 249:
+        js = protocol_split([phantom_name(i, 'ct').split('_ct.nii')[0] for i in range(n_volumes)], seed)
+        f = d/'split.json'
+        if not f.exists() or json.loads(f.read_text()) != js:
+            with atomic_path(f) as t: t.write_text(json.dumps(js, indent=1))
     return d
 
 def make_phantom_mosmed(out_dir='data/phantom-mosmed', n_labeled: int = 6, n_unlabeled: int = 120, n_val: int = 4,
@@ -499,6 +539,27 @@ def make_phantom_mosmed(out_dir='data/phantom-mosmed', n_labeled: int = 6, n_unl
     with atomic_path(marker) as t: t.write_text(json.dumps({'params': params, **split}, indent=1))
     return d
 
+def _preprocess_job(job):
+    case, size, cache_dir, weights = job
+    preprocess_case(case, size, cache_dir, weights=weights)
+    return case.id
+
+def preprocess_all(cases: list, size: int, cache_dir, weights=None, workers: int|None = None, progress: bool = True) -> list:
+    "Preprocessed volumes of `cases`: missing cache entries are made by a process pool (one process per core), then all are read."
+    from tqdm.auto import tqdm
+    weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS') or None
+    todo = [c for c in cases if not (Path(cache_dir)/f'{c.id}-{cache_key(c, size, 5., weights)}.npz').exists()]
+    workers = 1 if weights else max(1, min(int(workers or os.cpu_count() or 1), len(todo)))  # the R231 network uses its own threads
+    if len(todo) > 1 and workers > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        from sapl.data import _preprocess_job as job  # a process pool pickles the task by reference
+        os.environ.setdefault('OMP_NUM_THREADS', '1')
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as ex:
+            for _ in tqdm(ex.map(job, [(c, size, cache_dir, weights) for c in todo]), total=len(todo),
+                          desc=f'preprocess ({workers} processes)', disable=not progress, leave=False): pass
+    return [preprocess_case(c, size, cache_dir, weights=weights) for c in tqdm(cases, desc='load', disable=not progress or len(todo) > 1, leave=False)]
+
 def _restrict(v: Volume, allowed) -> Volume:
     m = np.isin(v.z, allowed)
     if not m.any(): return v
@@ -511,7 +572,9 @@ def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float
     prof = get_profile(profile) if isinstance(profile, str) else profile
     if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     data_dir = resolve(data_dir)
-    if dataset == 'phantom': ensure_phantom(data_dir, prof.phantom_volumes, phantom_seed, prof.phantom_matrix)
+    if dataset == 'phantom':
+        ensure_phantom(data_dir, prof.phantom_volumes, phantom_seed, prof.phantom_matrix)
+        if (data_dir/'split.json').exists(): split_dir = split_dir or data_dir/'split.json'  # the data set's protocol split
     if dataset == 'phantom-mosmed':
         small = prof.name == 'smoke'
         make_phantom_mosmed(data_dir, *((2, 6, 1, 2) if small else (6, 120, 4, 12)), seed=phantom_seed, matrix=64 if small else 256)
@@ -524,8 +587,7 @@ def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float
     cache_dir = resolve(cache_dir) if cache_dir else data_dir/'.cache'
     ids = [i for part in (split.train_l, split.train_u, split.val, split.test) for i in part]
     vols = {}
-    for i in tqdm(ids, desc='preprocess', disable=not progress, leave=False):
-        v = preprocess_case(cases[i], prof.size, cache_dir, weights=weights)
+    for i, v in zip(ids, preprocess_all([cases[i] for i in ids], prof.size, cache_dir, weights, progress=progress)):
         vols[i] = _restrict(v, split.slices[i]) if i in split.slices else v
     get = lambda part: [vols[i] for i in part]
     return DataBundle(get(split.train_l), get(split.train_u), get(split.val), get(split.test), prof, split, str(data_dir))

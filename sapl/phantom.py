@@ -722,12 +722,42 @@ def phantom_name(i: int, kind: str = 'ct') -> str:
     "COVID-19-20 style file name of volume `i`: kind 'ct' (image), 'seg' (infection) or 'lung' (ground-truth lungs)."
     return f'volume-covid19-A-{i:04d}_{kind}.nii.gz'
 
+def _write_volume(job) -> dict:
+    "Generate volume i and write its files; returns its meta (a process-pool task)."
+    out, i, seed, matrix, write_lung, options = job
+    vs = phantom_seed(seed, i)
+    v = phantom_volume(vs, matrix, **options)
+    m = dict(id=f'volume-covid19-A-{i:04d}', index=i, **v['meta'], affine=v['affine'].round(6).tolist())
+    desc = f"sapl phantom v{PHANTOM_VERSION} seed {vs}"
+    _save_nifti(v['hu'], v['affine'], out / phantom_name(i, 'ct'), np.int16, desc)
+    _save_nifti(v['label'], v['affine'], out / phantom_name(i, 'seg'), np.uint8, desc)
+    m.update(ct=phantom_name(i, 'ct'), seg=phantom_name(i, 'seg'))
+    if write_lung:
+        _save_nifti(v['lung'], v['affine'], out / phantom_name(i, 'lung'), np.uint8, desc)
+        m['lung'] = phantom_name(i, 'lung')
+    return m
+
+class _Serial:
+    "A stand-in for a process pool with one worker: maps in this process."
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
+    def map(self, f, xs): return map(f, xs)
+
+def _pool(workers: int):
+    "A process pool of `workers` processes (in-process for one), each single-threaded."
+    if workers <= 1: return _Serial()
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'))
+
 def make_phantom(out_dir, # folder for the NIfTI files and phantom.json
                  n_volumes: int = 40, # number of volumes
                  seed: int = 0, # data-set seed; volume i uses phantom_seed(seed, i)
                  matrix: int = 384, # in-plane matrix
                  write_lung: bool = True, # also write the ground-truth lungs as *_lung.nii.gz
                  verbose: bool = True, # print progress
+                 workers: int|None = None, # processes (default: one per core); the files do not depend on it
                  **options, # passed to `phantom_volume` (severity, thickness, flip_x, p_flip, band_probs)
                 ) -> list[Path]: # CT image paths, volume order (label: same name with _seg)
     "Write the phantom data set in the COVID-19-20 naming; reuse it if phantom.json records the same parameters."
@@ -751,21 +781,18 @@ def make_phantom(out_dir, # folder for the NIfTI files and phantom.json
                 if f is not None and f.exists() and f.name not in {phantom_name(i, kk) for i in range(n_volumes) for kk in kinds}:
                     f.unlink()
         js.unlink()
-    t0 = time.perf_counter(); vols = []
-    for i in range(n_volumes):
-        vs = phantom_seed(seed, i)
-        v = phantom_volume(vs, matrix, **options)
-        m = dict(id=f'volume-covid19-A-{i:04d}', index=i, **v['meta'], affine=v['affine'].round(6).tolist())
-        desc = f"sapl phantom v{PHANTOM_VERSION} seed {vs}"
-        _save_nifti(v['hu'], v['affine'], out / phantom_name(i, 'ct'), np.int16, desc)
-        _save_nifti(v['label'], v['affine'], out / phantom_name(i, 'seg'), np.uint8, desc)
-        m.update(ct=phantom_name(i, 'ct'), seg=phantom_name(i, 'seg'))
-        if write_lung:
-            _save_nifti(v['lung'], v['affine'], out / phantom_name(i, 'lung'), np.uint8, desc)
-            m['lung'] = phantom_name(i, 'lung')
-        vols.append(m)
-        if verbose: print(f"phantom: {m['id']} {m['severity_band']} involvement {m['involvement']:.3f} shape {m['shape']} "
-                          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    t0 = time.perf_counter(); vols = [None]*n_volumes
+    todo = [(out, i, seed, matrix, write_lung, options) for i in range(n_volumes)]
+    workers = max(1, min(int(workers or os.cpu_count() or 1), n_volumes))
+    if verbose: print(f'phantom: writing {n_volumes} volumes to {out} with {workers} process(es) ...', flush=True)
+    if workers > 1:  # a process pool pickles the task by reference: take it from the installed module
+        from sapl.phantom import _write_volume as task
+    else: task = _write_volume
+    with _pool(workers) as ex:
+        for k, m in enumerate(ex.map(task, todo)):
+            vols[m['index']] = m
+            if verbose: print(f"phantom: [{k + 1}/{n_volumes}] {m['id']} {m['severity_band']} involvement {m['involvement']:.3f} "
+                              f"shape {m['shape']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     tmp = js.with_name(f'.phantom.json.{os.getpid()}.tmp')
     tmp.write_text(json.dumps(dict(params=params, seconds=round(time.perf_counter() - t0, 1), volumes=vols), indent=1))
     os.replace(tmp, js)

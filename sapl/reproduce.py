@@ -11,9 +11,11 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'BY_VARIANT', 'TABLE_V_RATIO', 'DEMO', 'CORE', 'TABLE_II', 'TABLE_III', 'SINGLE', 'MULTI', 'TABLE_V',
-           'Experiment', 'register_all', 'run_dir', 'params_for', 'done', 'run_one', 'run_stages', 'ci95', 'collect',
-           'fmt', 'summary_table', 'header', 'write_tables', 'write_table_v', 'bar_figure', 'visual_comparison', 'main']
+__all__ = ['EXPERIMENTS', 'BY_VARIANT', 'TABLE_V_RATIO', 'DEMO', 'CORE', 'TABLE_II', 'TABLE_III', 'SINGLE', 'MULTI', 'CLAIMS',
+           'DELTAS_II', 'DELTAS_III', 'DELTAS_FIG8', 'DELTA_NOTE', 'TABLE_V', 'CURVE_VARIANTS', 'Experiment',
+           'register_all', 'run_dir', 'params_for', 'done', 'run_one', 'run_stages', 'collect_volumes', 'per_seed',
+           'collect', 'fmt', 'summary_table', 'header', 'delta_table', 'delta_lines', 'write_tables', 'write_table_v',
+           'bar_figure', 'visual_comparison', 'flattened_at', 'learning_curves', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #26734bae
 @dataclass(frozen=True)
@@ -106,17 +108,9 @@ def run_stages(jobs: list, common: dict, report_dir, n_jobs: int = 1, t0: float|
             for f in [ex.submit(run_one, e, common, r, s, report_dir) for e, r, s in todo]: f.result()
 
 # %% ../nbs/09_reproduce.ipynb #74bb9bf4
-def ci95(x) -> tuple:
-    "(mean, 95 % CI half-width) of the values x (half-width NaN for fewer than two values)."
-    from scipy import stats
-    x = np.asarray([v for v in x if v == v], dtype=float)
-    if len(x) == 0: return float('nan'), float('nan')
-    if len(x) < 2: return float(x.mean()), float('nan')
-    return float(x.mean()), float(stats.t.ppf(.975, len(x) - 1)*x.std(ddof=1)/math.sqrt(len(x)))
-
-def collect(common: dict, ratios, seeds, variants) -> pd.DataFrame:
-    "One row per (variant, ratio, seed) with the mean test DSC/NSD over volumes."
-    rows = []
+def collect_volumes(common: dict, ratios, seeds, variants) -> pd.DataFrame:
+    "One row per (variant, ratio, seed, test volume) of every finished run, with its DSC and NSD."
+    frames = []
     for v in variants:
         if v == 'sean': continue
         for r in ratios:
@@ -124,22 +118,35 @@ def collect(common: dict, ratios, seeds, variants) -> pd.DataFrame:
                 p = run_dir(common['out_dir'], common['dataset'], common['profile'], r, s, v)/'test.csv'
                 if not p.exists(): continue
                 df = pd.read_csv(p)
-                rows.append(dict(variant=v, ratio=r, seed=s, dsc=df['dsc'].mean(), nsd=df['nsd'].mean(),
-                                 n_vol=len(df), nan=int(df['dsc'].isna().sum())))
-    return pd.DataFrame(rows, columns=['variant', 'ratio', 'seed', 'dsc', 'nsd', 'n_vol', 'nan'])
+                frames.append(pd.DataFrame(dict(variant=v, ratio=r, seed=s, volume=df['id'], dsc=df['dsc'], nsd=df['nsd'])))
+    cols = ['variant', 'ratio', 'seed', 'volume', 'dsc', 'nsd']
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+def per_seed(per_volume: pd.DataFrame) -> pd.DataFrame:
+    "Mean test DSC/NSD over volumes for each (variant, ratio, seed); NaN volumes left out and counted."
+    g = per_volume.groupby(['variant', 'ratio', 'seed'], sort=False)
+    out = g[['dsc', 'nsd']].mean().reset_index()
+    out['n_vol'] = g['dsc'].size().to_numpy(); out['nan'] = g['dsc'].apply(lambda x: int(x.isna().sum())).to_numpy()
+    return out[['variant', 'ratio', 'seed', 'dsc', 'nsd', 'n_vol', 'nan']]
+
+def collect(common: dict, ratios, seeds, variants) -> pd.DataFrame:
+    "One row per (variant, ratio, seed) with the mean test DSC/NSD over volumes."
+    return per_seed(collect_volumes(common, ratios, seeds, variants))
 
 def fmt(m, h) -> str:
     if m != m: return '–'
     return f"{100*m:.2f} ± {100*h:.2f}" if h == h else f"{100*m:.2f}"
 
 def summary_table(per_seed: pd.DataFrame, variants, ratio) -> pd.DataFrame:
-    "Rows = variants at one ratio: NSD/DSC mean ± 95 % CI over seeds, number of seeds."
+    "Rows = variants at one ratio: NSD/DSC mean ± 95 % CI over seeds (Eq. S1), per-seed SD of DSC, number of seeds."
+    from sapl.stats import mean_ci
     out = []
     for v in variants:
         d = per_seed[(per_seed.variant == v) & ((per_seed.ratio == ratio) | (v == 'full'))]
-        if v == 'full': d = per_seed[per_seed.variant == v]
-        (mn, hn), (md, hd) = ci95(d.nsd), ci95(d.dsc)
+        if v == 'full': d = d.drop_duplicates('seed')
+        (mn, hn), (md, hd) = mean_ci(d.nsd), mean_ci(d.dsc)
         out.append(dict(variant=v, method=BY_VARIANT[v].label if v in BY_VARIANT else v, nsd=mn, nsd_ci=hn, dsc=md, dsc_ci=hd,
+                        dsc_sd=float(d.dsc.std(ddof=1)) if len(d) > 1 else float('nan'),
                         seeds=len(d), nan_volumes=int(d.nan.sum()) if len(d) else 0))
     return pd.DataFrame(out)
 
@@ -148,6 +155,10 @@ TABLE_II = [('cps', '✓', '✓', ''), ('sacps-synth', '✓', '', '✓'), ('sacp
 TABLE_III = [('st', '✓', '✓', ''), ('sast-synth', '✓', '', '✓'), ('sast', '✓', '✓', '✓')]
 SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps']
 MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps']
+CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st')]  # the paper's claims: A beats B
+DELTAS_II = [('sacps', 'cps'), ('sacps', 'sacps-synth')]
+DELTAS_III = [('sast', 'st'), ('sast', 'sast-synth')]
+DELTAS_FIG8 = [('sacps', 'sacps-self'), ('sacps', 'sacps-pooln')]
 
 def _atomic_text(path: Path, text: str):
     from sapl.data import atomic_path
@@ -156,37 +167,80 @@ def _atomic_text(path: Path, text: str):
 def header(title: str, meta: dict) -> list:
     return [f'# {title}', ''] + [f'- **{k}**: {v}' for k, v in meta.items()] + ['']
 
-def write_tables(per_seed: pd.DataFrame, ratios, meta: dict, report_dir='reports') -> list:
-    "Write table_II/III/IV (.md + .csv) from the per-seed results; returns the paths written."
+def _label(v): return BY_VARIANT[v].label if v in BY_VARIANT else v
+
+def delta_table(per_volume: pd.DataFrame, ratio, pairs) -> pd.DataFrame:
+    "Paired comparisons (sapl.stats.compare) of DSC and NSD for each (A, B) in `pairs` with runs at `ratio`."
+    from sapl.stats import compare
+    pv = per_volume[per_volume.ratio == ratio]
+    rows = []
+    for a, b in pairs:
+        if not ({a, b} <= set(pv.variant)): continue
+        c, n = compare(pv, a, b, 'dsc'), compare(pv, a, b, 'nsd')
+        rows.append({**c, 'ratio': ratio, 'nsd_diff': n['diff'], 'nsd_half': n['half'], 'nsd_verdict': n['verdict']})
+    return pd.DataFrame(rows)
+
+def delta_lines(d: pd.DataFrame) -> list:
+    "Markdown rows of a delta table: differences in DSC/NSD points, intervals over seeds and over volumes, verdict."
+    if d.empty: return []
+    pts = lambda x: f'{100*x:+.2f}' if x == x else '–'
+    lines = ['| A − B | seeds | Δ DSC (pts) | 95 % CI over seeds | 95 % CI over volumes | Wilcoxon p | Δ NSD (pts) | verdict (DSC) |',
+             '|---|---|---|---|---|---|---|---|']
+    for _, r in d.iterrows():
+        lines.append(f"| {_label(r.a)} − {_label(r.b)} | {r.seeds} | {pts(r['diff'])} | [{pts(r.lo)}, {pts(r.hi)}] | "
+                     f"[{pts(r.vol_lo)}, {pts(r.vol_hi)}] | {r.wilcoxon_p:.2g} | {pts(r.nsd_diff)} ± {100*r.nsd_half:.2f} | **{r.verdict}** |")
+    return lines + ['']
+
+DELTA_NOTE = ('Δ: paired differences A − B on the same seeds and test volumes. "CI over seeds": paired t-interval of the '
+              'per-seed mean differences (Eq. S2); "CI over volumes": paired bootstrap of the seed-averaged per-volume '
+              'differences (Eq. S3); Wilcoxon signed-rank p over volumes (Eq. S4). Verdict from the interval over seeds: '
+              '**holds** (above 0), **reversed** (below 0), **undecided** (contains 0).')
+
+def _ablation_table(name, rows, cols, per_seed, per_volume, r0, meta, deltas) -> list:
+    t = summary_table(per_seed, [r[0] for r in rows], r0)
+    if t.seeds.sum() == 0: return []
+    lines = header(f"{name.replace('_', ' ').title()} — {r0:.0%} labeled (mean ± 95 % CI over seeds)", meta)
+    lines += [f"| {' | '.join(cols)} | Method | NSD (%) | DSC (%) | seeds |", '|' + '---|'*(len(cols) + 4)]
+    for (v, *marks), (_, row) in zip(rows, t.iterrows()):
+        lines.append(f"| {' | '.join(marks)} | {row.method} | {fmt(row.nsd, row.nsd_ci)} | {fmt(row.dsc, row.dsc_ci)} | {row.seeds} |")
+    lines += ['', *delta_lines(delta_table(per_volume, r0, deltas)), DELTA_NOTE]
+    return lines
+
+def write_tables(per_volume: pd.DataFrame, ratios, meta: dict, report_dir='reports') -> list:
+    "Write table_II/III/IV (.md + .csv) with paired differences and verdicts; returns the paths written."
     from sapl.data import resolve
-    rd = resolve(report_dir); written = []
-    r0 = min(ratios)
-    for name, rows, cols in (('table_II', TABLE_II, ('L_s', 'L_pseudo', 'L_synthetic')), ('table_III', TABLE_III, ('Real', 'Pseudo', 'Synthetic'))):
-        t = summary_table(per_seed, [r[0] for r in rows], r0)
-        if t.seeds.sum() == 0: continue
-        lines = header(f"{name.replace('_', ' ').title()} — {r0:.0%} labeled (mean ± 95 % CI over seeds)", meta)
-        lines += [f"| {' | '.join(cols)} | Method | NSD (%) | DSC (%) | seeds |", '|' + '---|'*(len(cols) + 4)]
-        for (v, *marks), (_, row) in zip(rows, t.iterrows()):
-            lines.append(f"| {' | '.join(marks)} | {row.method} | {fmt(row.nsd, row.nsd_ci)} | {fmt(row.dsc, row.dsc_ci)} | {row.seeds} |")
-        _atomic_text(rd/f'{name}.md', '\n'.join(lines) + '\n'); t.assign(ratio=r0).to_csv(rd/f'{name}.csv', index=False)
-        written += [rd/f'{name}.md', rd/f'{name}.csv']
+    rd = resolve(report_dir); written = []; ps = per_seed(per_volume); r0 = min(ratios)
+    for name, rows, cols, deltas in (('table_II', TABLE_II, ('L_s', 'L_pseudo', 'L_synthetic'), DELTAS_II),
+                                     ('table_III', TABLE_III, ('Real', 'Pseudo', 'Synthetic'), DELTAS_III)):
+        lines = _ablation_table(name, rows, cols, ps, per_volume, r0, meta, deltas)
+        if not lines: continue
+        _atomic_text(rd/f'{name}.md', '\n'.join(lines) + '\n'); written.append(rd/f'{name}.md')
     lines = header('Table IV — phantom test set (mean ± 95 % CI over seeds)', meta)
-    lines += ['| Ratio | Stages | Method | NSD (%) | DSC (%) | seeds | NaN volumes |', '|---|---|---|---|---|---|---|']
-    frames = []
+    lines += ['| Ratio | Stages | Method | NSD (%) | DSC (%) | SD of DSC over seeds (pts) | seeds | NaN volumes |', '|---|---|---|---|---|---|---|---|']
+    frames, deltas = [], []
+    row_line = lambda r, stage, row: (f"| {r:.0%} | {stage} | {row.method} | {fmt(row.nsd, row.nsd_ci)} | {fmt(row.dsc, row.dsc_ci)} | "
+                                      f"{100*row.dsc_sd:.2f} | {row.seeds} | {row.nan_volumes} |")
     for r in ratios:
         for stage, vs in (('Single', SINGLE), ('Multiple', MULTI)):
-            t = summary_table(per_seed, vs, r); t = t[t.seeds > 0]
-            for _, row in t.iterrows():
-                lines.append(f"| {r:.0%} | {stage} | {row.method} | {fmt(row.nsd, row.nsd_ci)} | {fmt(row.dsc, row.dsc_ci)} | {row.seeds} | {row.nan_volumes} |")
+            t = summary_table(ps, vs, r); t = t[t.seeds > 0]
+            lines += [row_line(r, stage, row) for _, row in t.iterrows()]
             frames.append(t.assign(ratio=r, stage=stage))
-    t = summary_table(per_seed, ['full'], None); t = t[t.seeds > 0]
-    for _, row in t.iterrows():
-        lines.append(f"| 100% | Full | {row.method} | {fmt(row.nsd, row.nsd_ci)} | {fmt(row.dsc, row.dsc_ci)} | {row.seeds} | {row.nan_volumes} |")
+        present = [v for v in SINGLE + MULTI + ['full'] if v != 'baseline' and v in set(per_volume[per_volume.ratio == r].variant)]
+        deltas.append(delta_table(per_volume, r, CLAIMS + [(v, 'baseline') for v in present]))
+    t = summary_table(ps, ['full'], None); t = t[t.seeds > 0]
+    lines += [row_line(1.0, 'Full', row) for _, row in t.iterrows()]
     frames.append(t.assign(ratio=1.0, stage='Full'))
+    for r, d in zip(ratios, deltas):
+        if d.empty: continue
+        lines += ['', f'## Paired differences at {r:.0%} labeled: the paper\'s claims, then every method against the Baseline', '']
+        lines += delta_lines(d)
+    lines += [DELTA_NOTE]
     _atomic_text(rd/'table_IV.md', '\n'.join(lines) + '\n'); pd.concat(frames).to_csv(rd/'table_IV.csv', index=False)
-    per_seed.to_csv(rd/'per_seed.csv', index=False)
-    return written + [rd/'table_IV.md', rd/'table_IV.csv', rd/'per_seed.csv']
+    dd = pd.concat(deltas, ignore_index=True) if deltas else pd.DataFrame()
+    dd.to_csv(rd/'table_IV_deltas.csv', index=False); ps.to_csv(rd/'per_seed.csv', index=False); per_volume.to_csv(rd/'per_volume.csv', index=False)
+    return written + [rd/'table_IV.md', rd/'table_IV.csv', rd/'table_IV_deltas.csv', rd/'per_seed.csv', rd/'per_volume.csv']
 
+# %% ../nbs/09_reproduce.ipynb #850ca844
 TABLE_V = ['baseline', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'semiinfnet', 'st', 'sast', 'sast+sacps']
 
 def write_table_v(per_seed: pd.DataFrame, ratio: float, meta: dict, report_dir='reports') -> list:
@@ -230,7 +284,7 @@ def visual_comparison(common: dict, ratio: float, seed: int, path, variants=('ba
     for v in variants:
         cfg = RunConfig(dataset=common['dataset'], data_dir=common['data_dir'], ratio=ratio, profile=common['profile'],
                         epochs=common.get('epochs'), seed=seed, out_dir=common['out_dir']).variant(v)
-        ck = cfg.run_dir/'best.pt'
+        ck = cfg.checkpoint_path
         if not ck.exists(): continue
         from sapl.train import get_method
         from sapl.unet import UNet
@@ -242,22 +296,93 @@ def visual_comparison(common: dict, ratio: float, seed: int, path, variants=('ba
     if not preds: return None
     return plot_predictions(data.test, preds, path, n=4)
 
+
+# %% ../nbs/09_reproduce.ipynb #df793d0b
+CURVE_VARIANTS = ('sean', 'baseline', 'cps', 'sacps')
+
+def flattened_at(v: np.ndarray, # [E] validation DSC per epoch
+                 tol: float = 0.01, window: int = 5) -> int: # epoch index e (0-based) of Eq. R1
+    "First epoch from which the centred moving average of `v` stays within `tol` of its maximum (Eq. R1)."
+    s = pd.Series(np.asarray(v, float)).rolling(window, center=True, min_periods=1).mean().to_numpy()
+    ok = s >= np.nanmax(s) - tol
+    bad = np.nonzero(~ok)[0]
+    return int(bad[-1] + 1) if len(bad) else 0
+
+def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports') -> list:
+    "Plot validation DSC vs iteration of the curve runs and write reports/learning_curves.md (+ .png, .csv)."
+    import seaborn as sns
+    from matplotlib.figure import Figure
+    from sapl.data import resolve, get_profile
+    rd = resolve(report_dir); ipe = get_profile(common['profile']).iters_per_epoch
+    frames = []
+    for v in ('baseline', 'full', 'cps', 'sacps'):
+        p = run_dir(common['out_dir'], common['dataset'], common['profile'], ratio, seed, v)/'metrics.csv'
+        if p.exists(): frames.append(pd.read_csv(p).assign(method=_label(v), variant=v))
+    if not frames: return []
+    df = pd.concat(frames, ignore_index=True); df['iteration'] = df['epoch']*ipe
+    df['smoothed'] = df.groupby('variant')['val_dsc'].transform(lambda x: x.rolling(5, center=True, min_periods=1).mean())
+    fig = Figure(figsize=(8, 3.4), dpi=120); ax = fig.subplots()
+    sns.lineplot(data=df, x='iteration', y='val_dsc', hue='method', alpha=.35, ax=ax, legend=False)
+    sns.lineplot(data=df, x='iteration', y='smoothed', hue='method', ax=ax)
+    ax.set_ylabel('validation DSC'); ax.set_title(f'Validation DSC per epoch (faint) and its 5-epoch moving average, {ratio:.0%} labeled, seed {seed}', fontsize=9)
+    fig.tight_layout(); fig.savefig(rd/'learning_curves.png')
+    rows = []
+    for v, g in df.groupby('variant', sort=False):
+        e = flattened_at(g['val_dsc'].to_numpy()); vv = g['val_dsc'].to_numpy()
+        rows.append(dict(method=_label(v), iterations=int(g.iteration.max()), flattened_at=int(g.iteration.iloc[e]),
+                         max_smoothed=float(g.smoothed.max()), final=float(vv[-1]), best=float(np.nanmax(vv)),
+                         best_at=int(g.iteration.iloc[int(np.nanargmax(vv))]),
+                         largest_jump=float(np.nanmax(np.abs(np.diff(vv)))) if len(vv) > 1 else float('nan')))
+    t = pd.DataFrame(rows); df.to_csv(rd/'learning_curves.csv', index=False)
+    lines = ['# Learning curves', '', f'- **data**: {common["dataset"]}, {ratio:.0%} labeled, seed {seed}, profile {common["profile"]} '
+             f'({ipe} iterations per epoch), validation DSC on the preprocessed slices of the validation volumes', '',
+             '| Method | iterations run | flattened at (Eq. R1) | max of smoothed val DSC | final val DSC | best val DSC (at) | largest epoch-to-epoch jump |',
+             '|---|---|---|---|---|---|---|']
+    lines += [f"| {r.method} | {r.iterations} | {r.flattened_at} | {100*r.max_smoothed:.2f} | {100*r.final:.2f} | {100*r.best:.2f} ({r.best_at}) | "
+              f"{100*r.largest_jump:.2f} |" for r in t.itertuples()]
+    lines += ['', f'Budget by Eq. R1 (the largest flattening point of the semi-supervised and baseline curves): '
+              f'**{int(t[t.method != _label("full")].flattened_at.max())} iterations**.', '', '![learning curves](learning_curves.png)']
+    _atomic_text(rd/'learning_curves.md', '\n'.join(lines) + '\n')
+    return [rd/'learning_curves.md', rd/'learning_curves.png', rd/'learning_curves.csv']
+
 # %% ../nbs/09_reproduce.ipynb #c6571a53
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='make reproduce ARGS=', description='Regenerate the tables and figures of the paper.')
     ap.add_argument('--dataset', default='phantom'); ap.add_argument('--data-dir', default='data/phantom')
     ap.add_argument('--profile', default='quick'); ap.add_argument('--epochs', type=int, default=None)
     ap.add_argument('--ratios', type=float, nargs='+', default=[0.1, 0.2, 0.3])
-    ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
     ap.add_argument('--variants', nargs='+', default=None, help=f"subset of {[e.variant for e in EXPERIMENTS]}")
     ap.add_argument('--out-dir', default='runs'); ap.add_argument('--report-dir', default='reports')
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1), help='runs in parallel (each single-threaded when > 1)')
-    ap.add_argument('--demo', action='store_true', help='Table IV 10%% column, one seed')
+    ap.add_argument('--demo', action='store_true', help='the make demo job (see the README)')
     ap.add_argument('--collect-only', action='store_true', help='only rebuild tables and figures from finished runs')
     ap.add_argument('--table-v', action='store_true', help='the Table V analogue on the MosMedData-like phantom instead of Tables II-IV')
-    a = ap.parse_args(argv)
+    ap.add_argument('--curves', type=int, default=None, metavar='EPOCHS', help='learning curves: Baseline, CPS, SA-CPS at the first ratio and seed for EPOCHS epochs')
+    return ap
+
+def _benchmark(data) -> str:
+    s = data.split
+    return (f"{len(s.train_l) + len(s.train_u)} training volumes ({len(s.train_l)} labeled at the first ratio), {len(s.val)} validation, "
+            f"{len(s.test)} test; {data.profile.size} px slices")
+
+def _figures(ps, common, a, rd) -> list:
+    r0 = min(a.ratios)
+    f5 = bar_figure(ps, ['baseline', 'sacps', 'sast', 'sast+sacps'], ['B', 'SA-CPS', 'SA-ST', 'SA-ST\n(+SA-CPS)'], r0, rd/'fig5.png',
+                    f'Fig. 5 analogue: {r0:.0%} labeled, {a.profile} profile')
+    f8 = bar_figure(ps, ['sacps-self', 'sacps-pooln', 'sacps'], ['Self Style', 'Pool (N)', 'Pool (N+)'], r0, rd/'fig8.png',
+                    f'Fig. 8 analogue: style source of SA-CPS, {r0:.0%} labeled')
+    f6 = visual_comparison(common, r0, min(a.seeds), rd/'fig6.png')
+    return [f5, f6, f8]
+
+def main(argv=None):
+    ap = _parser(); a = ap.parse_args(argv)
+    from sapl.train import git_sha
+    from sapl.data import resolve, prepare_data
+    sha = git_sha()  # before this run writes anything under reports/
     if a.demo: a.ratios, a.seeds, a.variants = [0.1], [0], list(DEMO)
+    if a.curves: a.ratios, a.seeds, a.variants, a.epochs = a.ratios[:1], a.seeds[:1], list(CURVE_VARIANTS), a.curves
     if a.table_v:
         a.dataset, a.ratios = 'phantom-mosmed', [TABLE_V_RATIO]
         if a.data_dir == 'data/phantom': a.data_dir = 'data/phantom-mosmed'
@@ -267,37 +392,29 @@ def main(argv=None):
     if bad: ap.error(f"unknown variants {bad}; choose from {[e.variant for e in EXPERIMENTS]}")
     if 'sast+sacps' in variants and 'sacps' not in variants: variants.append('sacps')
     if any(BY_VARIANT[v].notebook in ('04_sacps', '05_sast') for v in variants) and 'sean' not in variants: variants.insert(0, 'sean')
-    from sapl.data import resolve
-    common = dict(dataset=a.dataset, data_dir=str(resolve(a.data_dir)), profile=a.profile, epochs=a.epochs,
-                  out_dir=str(resolve(a.out_dir)), device=a.device)
+    out_dir = resolve(a.out_dir)/'curves' if a.curves else resolve(a.out_dir)
+    common = dict(dataset=a.dataset, data_dir=str(resolve(a.data_dir)), profile=a.profile, epochs=a.epochs, out_dir=str(out_dir), device=a.device)
     t0 = time.time()
-    from sapl.data import prepare_data
-    if not a.collect_only:  # build the data set and its cache once, before parallel runs would each start on it
-        prepare_data(a.dataset, common['data_dir'], a.ratios[0], a.profile, split_dir=None)
+    data = prepare_data(a.dataset, common['data_dir'], a.ratios[0], a.profile)  # build the data set and its cache once, before parallel runs
+    print(f"data: {data.summary()}; data hash {data.fingerprint()}", flush=True)
+    if not a.collect_only:
         if 'full' in variants and 'baseline' not in variants: variants.insert(0, 'baseline')
         jobs = [(BY_VARIANT[v], r, s) for v in variants for r in a.ratios for s in a.seeds
                 if v != 'full' and not (v == 'sean' and s != a.seeds[0])]
         jobs.sort(key=lambda j: (j[0].stage, j[2], j[1]))
         run_stages(jobs, common, a.report_dir, a.jobs, t0)
-    from sapl.train import git_sha
-    from sapl.data import prepare_data
-    per_seed = collect(common, a.ratios, a.seeds, variants)
-    fp = prepare_data(a.dataset, a.data_dir, a.ratios[0], a.profile, progress=False).fingerprint()
-    meta = {'dataset': a.dataset, 'profile': a.profile, 'seeds': sorted(set(per_seed.seed.tolist())), 'ratios': a.ratios,
-            'git SHA': git_sha(), 'data hash': fp}
-    from sapl.data import resolve
     rd = resolve(a.report_dir)
+    if a.curves:
+        for p in learning_curves(common, a.ratios[0], a.seeds[0], rd): print(f"wrote {p}")
+        print((rd/'learning_curves.md').read_text()); return
+    pv = collect_volumes(common, a.ratios, a.seeds, variants); ps = per_seed(pv)
+    meta = {'benchmark': f"{a.dataset}: {_benchmark(data)}", 'profile': a.profile, 'seeds': sorted(set(ps.seed.tolist())),
+            'ratios': a.ratios, 'checkpoint evaluated': 'last (end of the schedule)', 'git SHA': sha, 'data hash': data.fingerprint()}
     if a.table_v:
-        for p in write_table_v(per_seed, TABLE_V_RATIO, meta, rd): print(f"wrote {p}")
+        for p in write_table_v(ps, TABLE_V_RATIO, meta, rd): print(f"wrote {p}")
         print((rd/'table_V.md').read_text()); return
-    paths = write_tables(per_seed, a.ratios, meta, rd)
-    r0 = min(a.ratios)
-    f5 = bar_figure(per_seed, ['baseline', 'sacps', 'sast', 'sast+sacps'], ['B', 'SA-CPS', 'SA-ST', 'SA-ST\n(+SA-CPS)'], r0, rd/'fig5.png',
-                    f'Fig. 5 analogue: {r0:.0%} labeled, {a.profile} profile')
-    f8 = bar_figure(per_seed, ['sacps-self', 'sacps-pooln', 'sacps'], ['Self Style', 'Pool (N)', 'Pool (N+)'], r0, rd/'fig8.png',
-                    f'Fig. 8 analogue: style source of SA-CPS, {r0:.0%} labeled')
-    f6 = visual_comparison(common, r0, min(a.seeds), rd/'fig6.png')
-    for p in paths + [f5, f6, f8]:
+    paths = write_tables(pv, a.ratios, meta, rd) + _figures(ps, common, a, rd)
+    for p in paths:
         if p: print(f"wrote {p}")
     print((rd/'table_IV.md').read_text())
     print(f"total {time.time() - t0:.0f}s; executed notebooks in {rd/'runs'}")

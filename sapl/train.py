@@ -40,6 +40,7 @@ class RunConfig:
     power: float = 0.9
     device: str = 'cpu'
     tag: str|None = None
+    select: str = 'last'      # checkpoint that is evaluated: 'last' (end of the schedule) or 'best' (highest validation DSC)
     opts: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -51,6 +52,7 @@ class RunConfig:
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
         if self.lr <= 0: raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.select not in ('last', 'best'): raise ValueError(f"select must be 'last' or 'best', got {self.select!r}")
 
     @property
     def prof(self): return get_profile(self.profile)
@@ -62,6 +64,10 @@ class RunConfig:
     def name(self) -> str: return self.tag or self.method
     @property
     def run_dir(self) -> Path: return resolve(self.out_dir)/self.dataset/self.profile/f'r{self.ratio:g}'/f's{self.seed}'/self.name
+    @property
+    def checkpoint_path(self) -> Path:
+        "The checkpoint whose weights are evaluated (see `select`)."
+        return self.run_dir/f'{self.select}.pt'
 
     def variant(self, tag: str) -> 'RunConfig':
         "The configuration of a named variant (see `VARIANTS`), e.g. 'cps' or 'sast+sacps'."
@@ -248,7 +254,7 @@ class Trainer:
         "Train (or resume) to the configured number of epochs."
         from tqdm.auto import tqdm
         cfg = self.cfg
-        if self.resume(): log.info(f"{cfg.name}: finished run found in {self.run_dir}, not retrained"); return self.load_best()
+        if self.resume(): log.info(f"{cfg.name}: finished run found in {self.run_dir}, not retrained"); return self.load_selected()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         while self.epoch < cfg.n_epochs:
             t0 = time.time(); self.models.train(); sums = {}
@@ -274,7 +280,14 @@ class Trainer:
             save_checkpoint(self.run_dir/'last.pt', self.checkpoint())
             self._log_csv()
             if self.progress: print(f"{cfg.name} epoch {self.epoch}/{cfg.n_epochs} loss {row['loss']:.4f} val DSC {val:.4f} ({row['seconds']:.1f}s)", flush=True)
-        return self.load_best()
+        return self.load_selected()
+
+    def load_selected(self) -> 'Trainer':
+        "Switch to the weights that `cfg.select` names: the end of training ('last') or the best validation epoch ('best')."
+        if self.cfg.select == 'best': return self.load_best()
+        p = self.run_dir/'last.pt'
+        if p.exists(): self.load(load_checkpoint(p), weights_only_models=True)
+        self.models.eval(); return self
 
     def load_best(self) -> 'Trainer':
         "Switch to the weights of the best validation epoch (or last, when no validation DSC was defined)."
@@ -302,7 +315,7 @@ def evaluate_run(tr: Trainer, data: DataBundle, force: bool = False):
     "Per-volume test DSC/NSD of a trained run, cached in `run_dir/test.csv` (recomputed when the checkpoint is newer)."
     import pandas as pd
     from sapl.eval import evaluate
-    p, ck = tr.run_dir/'test.csv', tr.run_dir/'best.pt'
+    p, ck = tr.run_dir/'test.csv', tr.cfg.checkpoint_path
     if p.exists() and not force and (not ck.exists() or p.stat().st_mtime >= ck.stat().st_mtime): return pd.read_csv(p)
     df = evaluate(tr.predict, data.test, device=tr.cfg.device)
     with atomic_path(p) as tmp: df.to_csv(tmp, index=False)
