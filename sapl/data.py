@@ -23,11 +23,11 @@ if not log.handlers:
 # %% auto #0
 __all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION', 'DATASETS', 'MOSMED_TRAIN_BANDS',
            'MOSMED_TEST_BANDS', 'project_root', 'resolve', 'Profile', 'get_profile', 'DataError', 'load_nifti',
-           'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split', 'make_split', 'protocol_split',
-           'read_split_list', 'paper_split', 'window', 'classical_lung_masks', 'lung_masks', 'Volume', 'semantic',
-           'lung_box', 'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path', 'atomic_save_npz',
-           'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet', 'LabeledSlices', 'UnlabeledSlices', 'DataBundle',
-           'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all', 'prepare_data']
+           'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split', 'make_split', 'covid249_shape',
+           'protocol_split', 'read_split_list', 'paper_split', 'window', 'classical_lung_masks', 'lung_masks', 'Volume',
+           'semantic', 'lung_box', 'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path',
+           'atomic_save_npz', 'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet', 'LabeledSlices',
+           'UnlabeledSlices', 'DataBundle', 'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all', 'prepare_data']
 
 # %% ../nbs/00_data.ipynb #e6e9f4e2
 def project_root() -> Path:
@@ -163,6 +163,13 @@ def make_split(cases, ratio: float, seed: int = 0, val_frac: float = 0.1, test_f
 
 COVID249 = dict(n_val=19, n_test=50, labeled={'0.1': 18, '0.2': 36, '0.3': 54})  # the paper's COVID249 lists: 180 train
 
+def covid249_shape(n: int) -> dict:
+    "Split sizes with the COVID249 proportions for n volumes (exactly the paper's for n = 249)."
+    n_test, n_val = max(1, round(50*n/249)), max(1, round(19*n/249))
+    n_train = n - n_test - n_val
+    if n_train < 1: raise ValueError(f"{n} volumes are too few for a train/val/test split")
+    return dict(n_val=n_val, n_test=n_test, labeled={r: max(1, round(float(r)*n_train)) for r in ('0.1', '0.2', '0.3')})
+
 def protocol_split(ids, seed: int = 0, n_val: int = COVID249['n_val'], n_test: int = COVID249['n_test'],
                    labeled: dict = COVID249['labeled']) -> dict:
     "Seeded volume-level split of `ids` in the shape of the paper's lists: test, val, train and nested labeled subsets ({ratio: n})."
@@ -173,13 +180,15 @@ def protocol_split(ids, seed: int = 0, n_val: int = COVID249['n_val'], n_test: i
     test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
     order = [train[i] for i in np.random.default_rng([seed, 2]).permutation(len(train))]  # a prefix of it is labeled: nested
     return {'protocol': f'{len(ids)} volumes: {n_train} train, {n_val} val, {n_test} test', 'seed': seed, 'train': sorted(train),
-            'labeled': {f'{float(r):g}': sorted(order[:n]) for r, n in labeled.items()}, 'val': sorted(val), 'test': sorted(test)}
+            'labeled': {f'{float(r):g}': sorted(order[:n]) for r, n in labeled.items()}, 'val': sorted(val), 'test': sorted(test),
+            'order': order}
 
 def _json_split(js: dict, ratio: float, path) -> Split:
     "A Split from a split.json: fixed parts (train_l/train_u/val/test) or a protocol split with labeled subsets per ratio."
     if 'labeled' not in js: return Split(*(tuple(sorted(js[k])) for k in ('train_l', 'train_u', 'val', 'test')))
     if ratio >= 1: lab = list(js['train'])
     elif f'{ratio:g}' in js['labeled']: lab = js['labeled'][f'{ratio:g}']
+    elif 'order' in js: lab = js['order'][:max(1, round(ratio*len(js['train'])))]  # other ratios: a prefix of the same order, nested
     else: raise DataError(f"{path}: no labeled list for ratio {ratio:g}; it has {sorted(js['labeled'])} (and 1 = all training volumes)")
     return Split(tuple(sorted(lab)), tuple(sorted(set(js['train']) - set(lab))), tuple(sorted(js['val'])), tuple(sorted(js['test'])))
 
@@ -497,13 +506,13 @@ MOSMED_TRAIN_BANDS = (0.23, 0.62, 0.11, 0.04, 0.002)  # MosMedData's CT-0..CT-4 
 MOSMED_TEST_BANDS = (0.0, 0.25, 0.40, 0.25, 0.10)     # an in-patient mix: more extensive disease
 
 def ensure_phantom(data_dir='data/phantom', n_volumes: int = 249, seed: int = 0, matrix: int = 384) -> Path:
-    "Generate the phantom into `data_dir` unless it is already there; with 249 volumes also its COVID249-shaped `split.json`."
+    "Generate the phantom into `data_dir` unless it is already there, with its `split.json` in the COVID249 proportions."
     from sapl.phantom import make_phantom, phantom_name
     d = resolve(data_dir)
     if not (d/'phantom.json').exists(): print(f"phantom not found in {d}: generating {n_volumes} volumes (matrix {matrix}, seed {seed}) ...", flush=True)
     make_phantom(d, n_volumes=n_volumes, seed=seed, matrix=matrix, verbose=not (d/'phantom.json').exists())
-    if n_volumes == 249:
-        js = protocol_split([phantom_name(i, 'ct').split('_ct.nii')[0] for i in range(n_volumes)], seed)
+    if n_volumes >= 8:
+        js = protocol_split([phantom_name(i, 'ct').split('_ct.nii')[0] for i in range(n_volumes)], seed, **covid249_shape(n_volumes))
         f = d/'split.json'
         if not f.exists() or json.loads(f.read_text()) != js:
             with atomic_path(f) as t: t.write_text(json.dumps(js, indent=1))
@@ -572,8 +581,10 @@ def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float
     prof = get_profile(profile) if isinstance(profile, str) else profile
     if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     data_dir = resolve(data_dir)
-    if dataset == 'phantom':
-        ensure_phantom(data_dir, prof.phantom_volumes, phantom_seed, prof.phantom_matrix)
+    if dataset == 'phantom':  # a phantom already there keeps its size (e.g. the smaller demo set)
+        js = data_dir/'phantom.json'
+        pp = json.loads(js.read_text())['params'] if js.exists() else dict(n_volumes=prof.phantom_volumes, matrix=prof.phantom_matrix)
+        ensure_phantom(data_dir, pp['n_volumes'], phantom_seed, pp['matrix'])
         if (data_dir/'split.json').exists(): split_dir = split_dir or data_dir/'split.json'  # the data set's protocol split
     if dataset == 'phantom-mosmed':
         small = prof.name == 'smoke'

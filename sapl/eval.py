@@ -50,6 +50,10 @@ def nsd(pred: np.ndarray,   # boolean mask [Y,X] or [Z,Y,X]
     hp, hg = bool(p.any()), bool(g.any())
     if not (hp or hg): return float('nan')
     if not (hp and hg): return 0.
+    # Every surface point of either mask lies in the bounding box of their union: cropping to it (with a 2-voxel
+    # margin, so no mask touches the border) leaves all surface distances, and so the NSD, unchanged, and is much faster.
+    box = tuple(slice(max(int(a.min()) - 2, 0), int(a.max()) + 3) for a in np.nonzero(p | g))
+    p, g = p[box], g[box]
     t = lambda m: torch.from_numpy(m.astype(np.float32))[None, None]  # one-hot [B=1, C=1, ...]
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)  # a deprecation notice inside MONAI's edge finder

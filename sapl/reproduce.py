@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['EXPERIMENTS', 'BY_VARIANT', 'TABLE_V_RATIO', 'DEMO', 'CORE', 'TABLE_II', 'TABLE_III', 'SINGLE', 'MULTI', 'CLAIMS',
-           'DELTAS_II', 'DELTAS_III', 'DELTAS_FIG8', 'DELTA_NOTE', 'TABLE_V', 'CURVE_VARIANTS', 'Experiment',
-           'register_all', 'run_dir', 'params_for', 'done', 'run_one', 'run_stages', 'collect_volumes', 'per_seed',
-           'collect', 'fmt', 'summary_table', 'header', 'delta_table', 'delta_lines', 'write_tables', 'write_table_v',
-           'bar_figure', 'visual_comparison', 'flattened_at', 'learning_curves', 'main']
+__all__ = ['EXPERIMENTS', 'BY_VARIANT', 'TABLE_V_RATIO', 'DEMO', 'DEMO_DATA', 'CORE', 'TABLE_II', 'TABLE_III', 'SINGLE', 'MULTI',
+           'CLAIMS', 'DELTAS_II', 'DELTAS_III', 'DELTAS_FIG8', 'DELTA_NOTE', 'TABLE_V', 'CURVE_VARIANTS',
+           'SELECTION_VARIANTS', 'Experiment', 'register_all', 'run_dir', 'params_for', 'done', 'run_one', 'run_stages',
+           'collect_volumes', 'per_seed', 'collect', 'fmt', 'summary_table', 'header', 'delta_table', 'delta_lines',
+           'write_tables', 'write_table_v', 'bar_figure', 'visual_comparison', 'flattened_at', 'learning_curves',
+           'selection_effect', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #26734bae
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ EXPERIMENTS = [
 ]
 BY_VARIANT = {e.variant: e for e in EXPERIMENTS}
 TABLE_V_RATIO = 0.05  # nominal: the MosMedData-like split fixes 6 labeled of 126 training studies
-DEMO = ('sean', 'baseline', 'full', 'cps', 'sacps', 'st', 'sast', 'sast+sacps')
-CORE = DEMO + ('sacps-synth', 'sast-synth', 'sacps-self', 'sacps-pooln')
+DEMO = ('sean', 'baseline', 'full', 'cps', 'sacps')  # make demo: the paper's central comparison, SA-CPS against CPS
+DEMO_DATA = dict(data_dir='data/phantom-demo', n_volumes=80, report_dir='reports/demo', epochs=12)  # a smaller phantom, 600 iterations
+CORE = DEMO + ('st', 'sast', 'sast+sacps', 'mt', 'sacps-synth', 'sast-synth', 'sacps-self', 'sacps-pooln')
 
 # %% ../nbs/09_reproduce.ipynb #1c524edc
 def register_all():
@@ -345,6 +347,45 @@ def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports')
     _atomic_text(rd/'learning_curves.md', '\n'.join(lines) + '\n')
     return [rd/'learning_curves.md', rd/'learning_curves.png', rd/'learning_curves.csv']
 
+# %% ../nbs/09_reproduce.ipynb #502b1a29
+SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps')  # single-U-Net predictors (s1 for the two-network methods)
+
+def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', variants=SELECTION_VARIANTS) -> Path|None:
+    "Test DSC of best.pt beside last.pt for the same runs; mean and SD over seeds per rule (reports/selection.md)."
+    import torch
+    from sapl.data import prepare_data, resolve, atomic_path
+    from sapl.train import RunConfig, load_checkpoint
+    from sapl.unet import UNet
+    from sapl.eval import evaluate
+    from sapl.stats import mean_ci
+    register_all(); data = prepare_data(common['dataset'], common['data_dir'], ratio, common['profile'], progress=False)
+    rows = []
+    for v in variants:
+        for s in seeds:
+            cfg = RunConfig(dataset=common['dataset'], ratio=ratio, profile=common['profile'], seed=s, out_dir=common['out_dir']).variant(v)
+            d = cfg.run_dir
+            if not ((d/'test.csv').exists() and (d/'best.pt').exists()): continue
+            ck = load_checkpoint(d/'best.pt')
+            if not (d/'test_best.csv').exists():
+                net = UNet(cfg.prof.widths); net.load_state_dict(ck['models'][0]); net.eval()
+                df = evaluate(lambda x: torch.sigmoid(net(x)), data.test)
+                with atomic_path(d/'test_best.csv') as t: df.to_csv(t, index=False)
+            rows.append(dict(variant=v, seed=s, last=pd.read_csv(d/'test.csv').dsc.mean(), best=pd.read_csv(d/'test_best.csv').dsc.mean(),
+                             best_epoch=int(ck['epoch']), epochs=cfg.n_epochs if common.get('epochs') is None else common['epochs']))
+    if not rows: return None
+    t = pd.DataFrame(rows); rd = resolve(report_dir)
+    lines = ['# Checkpoint selection: last vs best validation epoch', '',
+             f'- **runs**: {common["dataset"]}, {ratio:.0%} labeled, profile {common["profile"]}, seeds {sorted(set(t.seed))}; the same trained networks under both rules', '',
+             '| Method | seeds | test DSC, last (mean ± 95 % CI) | SD over seeds, last (pts) | test DSC, best val (mean ± 95 % CI) | SD over seeds, best val (pts) | epochs chosen by best val |',
+             '|---|---|---|---|---|---|---|']
+    for v, g in t.groupby('variant', sort=False):
+        (ml, hl), (mb, hb) = mean_ci(g['last']), mean_ci(g['best'])
+        sd = lambda x: 100*x.std(ddof=1) if len(x) > 1 else float('nan')
+        lines.append(f"| {_label(v)} | {len(g)} | {fmt(ml, hl)} | {sd(g['last']):.2f} | {fmt(mb, hb)} | {sd(g['best']):.2f} | "
+                     f"{', '.join(str(e) for e in g.best_epoch)} of {g.epochs.iloc[0]} |")
+    _atomic_text(rd/'selection.md', '\n'.join(lines) + '\n'); t.to_csv(rd/'selection.csv', index=False)
+    return rd/'selection.md'
+
 # %% ../nbs/09_reproduce.ipynb #c6571a53
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='make reproduce ARGS=', description='Regenerate the tables and figures of the paper.')
@@ -381,7 +422,13 @@ def main(argv=None):
     from sapl.train import git_sha
     from sapl.data import resolve, prepare_data
     sha = git_sha()  # before this run writes anything under reports/
-    if a.demo: a.ratios, a.seeds, a.variants = [0.1], [0], list(DEMO)
+    if a.demo:
+        a.ratios, a.seeds, a.variants = [0.1], [0], list(DEMO)
+        if a.data_dir == 'data/phantom': a.data_dir = DEMO_DATA['data_dir']
+        if a.report_dir == 'reports': a.report_dir = DEMO_DATA['report_dir']
+        a.epochs = a.epochs or DEMO_DATA['epochs']
+        from sapl.data import ensure_phantom
+        ensure_phantom(resolve(a.data_dir), DEMO_DATA['n_volumes'])
     if a.curves: a.ratios, a.seeds, a.variants, a.epochs = a.ratios[:1], a.seeds[:1], list(CURVE_VARIANTS), a.curves
     if a.table_v:
         a.dataset, a.ratios = 'phantom-mosmed', [TABLE_V_RATIO]
@@ -414,6 +461,7 @@ def main(argv=None):
         for p in write_table_v(ps, TABLE_V_RATIO, meta, rd): print(f"wrote {p}")
         print((rd/'table_V.md').read_text()); return
     paths = write_tables(pv, a.ratios, meta, rd) + _figures(ps, common, a, rd)
+    if not a.demo: paths.append(selection_effect(common, min(a.ratios), a.seeds, rd))
     for p in paths:
         if p: print(f"wrote {p}")
     print((rd/'table_IV.md').read_text())

@@ -58,7 +58,7 @@ class SeanConfig:
 SEAN_PROFILES = {
     'smoke': SeanConfig('smoke', size=32, style_dim=8, enc_ngf=4, ngf=4, g_mults=(4, 2, 1), g_up=(0, 1, 1),
                         spade_hidden=8, ndf=8, n_layers_d=2, num_d=2, batch=4, epochs=2),
-    'quick': SeanConfig('quick'),
+    'quick': SeanConfig('quick', iters_per_epoch=30),  # a fixed budget of 900 iterations, whatever the labeled set's size
     'paper': SeanConfig('paper', size=512, style_dim=512, enc_ngf=32, ngf=64, g_mults=(16, 16, 16, 8, 4, 2, 1),
                         g_up=(0, 1, 0, 1, 1, 1, 1), spade_hidden=128, ndf=64, n_layers_d=4, num_d=2,
                         batch=8, epochs=50),
