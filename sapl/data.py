@@ -560,11 +560,9 @@ def preprocess_all(cases: list, size: int, cache_dir, weights=None, workers: int
     todo = [c for c in cases if not (Path(cache_dir)/f'{c.id}-{cache_key(c, size, 5., weights)}.npz').exists()]
     workers = 1 if weights else max(1, min(int(workers or os.cpu_count() or 1), len(todo)))  # the R231 network uses its own threads
     if len(todo) > 1 and workers > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from sapl.phantom import process_pool
         from sapl.data import _preprocess_job as job  # a process pool pickles the task by reference
-        os.environ.setdefault('OMP_NUM_THREADS', '1')
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn')) as ex:
+        with process_pool(workers) as ex:
             for _ in tqdm(ex.map(job, [(c, size, cache_dir, weights) for c in todo]), total=len(todo),
                           desc=f'preprocess ({workers} processes)', disable=not progress, leave=False): pass
     return [preprocess_case(c, size, cache_dir, weights=weights) for c in tqdm(cases, desc='load', disable=not progress or len(todo) > 1, leave=False)]

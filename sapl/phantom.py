@@ -11,7 +11,8 @@ from scipy import ndimage as ndi
 
 # %% auto #0
 __all__ = ['PHANTOM_VERSION', 'BANDS', 'BAND_LIMITS', 'BAND_PROBS', 'THICKNESS_MM', 'THICKNESS_PROBS', 'PATTERNS',
-           'PATTERN_PROBS', 'severity_band', 'phantom_seed', 'phantom_volume', 'phantom_name', 'make_phantom']
+           'PATTERN_PROBS', 'severity_band', 'phantom_seed', 'phantom_volume', 'phantom_name', 'process_pool',
+           'make_phantom']
 
 # %% ../nbs/00a_phantom.ipynb #c0214ab2
 PHANTOM_VERSION = 2
@@ -743,13 +744,18 @@ class _Serial:
     def __exit__(self, *a): return False
     def map(self, f, xs): return map(f, xs)
 
-def _pool(workers: int):
-    "A process pool of `workers` processes (in-process for one), each single-threaded."
+def _single_thread():
+    import torch; torch.set_num_threads(1)
+
+def process_pool(workers: int):
+    """A pool of `workers` single-threaded processes (in-process for one). Forked where the platform allows, so that a
+    script calling it needs no `if __name__ == '__main__'` guard; the task must be importable (defined in `sapl`)."""
     if workers <= 1: return _Serial()
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
+    ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
     os.environ.setdefault('OMP_NUM_THREADS', '1')
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context('spawn'))
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_single_thread)
 
 def make_phantom(out_dir, # folder for the NIfTI files and phantom.json
                  n_volumes: int = 40, # number of volumes
@@ -788,7 +794,7 @@ def make_phantom(out_dir, # folder for the NIfTI files and phantom.json
     if workers > 1:  # a process pool pickles the task by reference: take it from the installed module
         from sapl.phantom import _write_volume as task
     else: task = _write_volume
-    with _pool(workers) as ex:
+    with process_pool(workers) as ex:
         for k, m in enumerate(ex.map(task, todo)):
             vols[m['index']] = m
             if verbose: print(f"phantom: [{k + 1}/{n_volumes}] {m['id']} {m['severity_band']} involvement {m['involvement']:.3f} "
