@@ -54,7 +54,7 @@ class Profile:
 
 PROFILES = {
     'smoke': Profile('smoke', 32, (4, 8, 16), 4, 2, 3, 8, 64),
-    'quick': Profile('quick', 64, (8, 16, 32, 64), 8, 12, 50, 249, 384),
+    'quick': Profile('quick', 64, (8, 16, 32, 64), 8, 30, 50, 249, 384),
     'paper': Profile('paper', 512, (16, 32, 64, 128, 256), 8, 20, None, 249, 384),
 }
 

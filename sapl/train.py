@@ -228,7 +228,11 @@ class Trainer:
         p = self.run_dir/'last.pt'
         if not p.exists(): return False
         ck = load_checkpoint(p)
-        same = lambda d: {k: v for k, v in d.items() if k not in ('data_dir', 'out_dir', 'split_dir', 'device')}  # where, not what
+        def same(d):  # what a run computes, not where: paths and device left out, profile defaults made explicit
+            prof = get_profile(d.get('profile', 'quick'))
+            d = {**d, **{k: d.get(k) or getattr(prof, k) for k in ('epochs', 'iters_per_epoch', 'batch')}}
+            d.setdefault('select', 'best')  # checkpoints made before `select` existed evaluated the best epoch
+            return {k: v for k, v in d.items() if k not in ('data_dir', 'out_dir', 'split_dir', 'device')}
         if same(ck['config']) != same(json.loads(json.dumps(asdict(self.cfg)))):
             raise RuntimeError(f"{p}: checkpoint was made with a different configuration; use another out_dir or delete the folder")
         self.load(ck)
