@@ -115,11 +115,12 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     except Exception as e: raise RuntimeError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
 
 def git_sha() -> str:
-    "Short git SHA of the working tree ('+dirty' when modified), or 'unknown'."
+    "Short git SHA of the code ('+dirty' when a tracked file outside reports/ is modified), or 'unknown'."
     try:
         root = Path(__file__).resolve().parents[1]
         sha = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.', ':!reports'],  # outputs are not code
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
         return (sha or 'unknown') + ('+dirty' if sha and dirty else '')
     except Exception: return 'unknown'
 
