@@ -304,11 +304,9 @@ CURVE_VARIANTS = ('sean', 'baseline', 'cps', 'sacps')
 
 def flattened_at(v: np.ndarray, # [E] validation DSC per epoch
                  tol: float = 0.02, window: int = 5) -> int: # epoch index e (0-based) of Eq. R1
-    "First epoch from which the centred moving average of `v` stays within `tol` of its maximum (Eq. R1)."
+    "First epoch at which the centred moving average of `v` comes within `tol` of its maximum (Eq. R1)."
     s = pd.Series(np.asarray(v, float)).rolling(window, center=True, min_periods=1).mean().to_numpy()
-    ok = s >= np.nanmax(s) - tol
-    bad = np.nonzero(~ok)[0]
-    return int(bad[-1] + 1) if len(bad) else 0
+    return int(np.argmax(s >= np.nanmax(s) - tol))
 
 def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports') -> list:
     "Plot validation DSC vs iteration of the curve runs and write reports/learning_curves.md (+ .png, .csv)."
@@ -338,12 +336,14 @@ def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports')
     t = pd.DataFrame(rows); df.to_csv(rd/'learning_curves.csv', index=False)
     lines = ['# Learning curves', '', f'- **data**: {common["dataset"]}, {ratio:.0%} labeled, seed {seed}, profile {common["profile"]} '
              f'({ipe} iterations per epoch), validation DSC on the preprocessed slices of the validation volumes', '',
-             '| Method | iterations run | flattened at (Eq. R1) | max of smoothed val DSC | final val DSC | best val DSC (at) | largest epoch-to-epoch jump |',
+             '| Method | iterations run | plateau reached at (Eq. R1) | max of smoothed val DSC | final val DSC | best val DSC (at) | largest epoch-to-epoch jump |',
              '|---|---|---|---|---|---|---|']
     lines += [f"| {r.method} | {r.iterations} | {r.flattened_at} | {100*r.max_smoothed:.2f} | {100*r.final:.2f} | {100*r.best:.2f} ({r.best_at}) | "
               f"{100*r.largest_jump:.2f} |" for r in t.itertuples()]
-    lines += ['', f'Largest flattening point (Eq. R1) of Baseline, CPS and SA-CPS: **{int(t[t.method != _label("full")].flattened_at.max())} '
-              f'iterations**; the curves ran {int(df.iteration.max())} iterations, the budget of every method in the tables.', '',
+    semi = t[t.method != _label('full')]
+    flat = f"{int(semi.flattened_at.max())} iterations"
+    lines += ['', f'Latest plateau (Eq. R1) of Baseline, CPS and SA-CPS: **{flat}**; the curves ran '
+              f'{int(df.iteration.max())} iterations, the budget of every method in the tables.', '',
               '![learning curves](learning_curves.png)']
     _atomic_text(rd/'learning_curves.md', '\n'.join(lines) + '\n')
     return [rd/'learning_curves.md', rd/'learning_curves.png', rd/'learning_curves.csv']
