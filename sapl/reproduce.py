@@ -349,7 +349,7 @@ def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports')
     return [rd/'learning_curves.md', rd/'learning_curves.png', rd/'learning_curves.csv']
 
 # %% ../nbs/09_reproduce.ipynb #502b1a29
-SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps')  # single-U-Net predictors (s1 for the two-network methods)
+SELECTION_VARIANTS = ('baseline', 'full', 'cps')  # single-U-Net predictors (s1 for CPS)
 
 def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', variants=SELECTION_VARIANTS) -> Path|None:
     "Test DSC of best.pt beside last.pt for the same runs; mean and SD over seeds per rule (reports/selection.md)."
