@@ -37,7 +37,7 @@ def bcp_box(S: int, # slice side in pixels
            ) -> torch.Tensor: # [S,S] {0,1}, the box M (torch RNG)
     "The copy-paste box of BCP: one frac*S square at a random position."
     p = int(S*frac); M = torch.zeros(S, S)
-    i, j = (int(torch.randint(0, S - p, (2,))[k]) for k in range(2)) if S > p else (0, 0)
+    i, j = torch.randint(0, S - p, (2,)).tolist() if S > p else (0, 0)
     M[i:i+p, j:j+p] = 1
     return M
 
@@ -55,8 +55,6 @@ def bcp_loss(z: torch.Tensor, # [B,1,H,W] logits on a mixed image
     return w_box*l_seg_masked(z, y, M) + w_rest*l_seg_masked(z, y, 1 - M)
 
 # %% ../nbs/07a_modern.ipynb #f63cc219
-SYNTH_DEFAULTS = dict(synthetic=False, K=10, style='pos', sean_seed=0)  # options of the synthesis plug-in (below)
-
 @torch.no_grad()
 def largest_component(y: torch.Tensor) -> torch.Tensor: # [B,1,H,W] {0,1} -> same, largest 8-connected blob per image
     "Keep the largest connected component of each binary map (BCP's post-processing of pseudo-labels)."
@@ -68,6 +66,8 @@ def largest_component(y: torch.Tensor) -> torch.Tensor: # [B,1,H,W] {0,1} -> sam
     return out
 
 # %% ../nbs/07a_modern.ipynb #8fd96068
+SYNTH_DEFAULTS = dict(synthetic=False, K=10, style='pos', sean_seed=0)  # the plug-in's options, off by default
+
 def l_synthetic_plugin(f, # the method's (student) network: [B,1,H,W] -> logits
                        gen, # the split's synthesizer
                        lung: torch.Tensor, # [B,H,W] lungs of the unlabeled batch
@@ -186,7 +186,7 @@ def cutmix_box(S: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1/0.3)) -> 
 def paste_partner(a: torch.Tensor, # [B,...] images, labels or masks
                   box: torch.Tensor, # [B,1,H,W] {0,1}
                  ) -> torch.Tensor:
-    "B ⊙ π(a) + (1 - B) ⊙ a with π(a) = the next image of the batch (Eq. M7)."
+    "B ⊙ π(a) + (1 - B) ⊙ a with π(a)_i = a_(i-1), the previous image of the batch, cyclically (Eq. M7)."
     return box*a.roll(1, 0) + (1 - box)*a
 
 # %% ../nbs/07a_modern.ipynb #69bfb8f6
