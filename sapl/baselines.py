@@ -358,3 +358,6 @@ class SemiInfNet(Method):
 
 # %% ../nbs/07_baselines.ipynb #5e469d42
 VARIANTS.update({m: (m, {}) for m in ('mt', 'uamt', 'cct', 'udc', 'selfens', 'semiinfnet')})
+
+# %% ../nbs/07_baselines.ipynb #79b0ab7d
+from . import modern as _modern  # registers bcp, unimatch, sa-mt, sa-bcp, sa-unimatch

@@ -45,6 +45,11 @@ EXPERIMENTS = [
     Experiment('selfens', '07_baselines', 1, 'Self-Ensembling'),
     Experiment('semiinfnet', '07_baselines', 1, 'SemiInfNet'),
     Experiment('sast+sacps', '05_sast', 2, 'SA-ST(+SA-CPS)'),
+    Experiment('bcp', '07_baselines', 1, 'BCP'),
+    Experiment('unimatch', '07_baselines', 1, 'UniMatch'),
+    Experiment('sa-mt', '07_baselines', 1, 'SA-MT'),
+    Experiment('sa-bcp', '07_baselines', 1, 'SA-BCP'),
+    Experiment('sa-unimatch', '07_baselines', 1, 'SA-UniMatch'),
 ]
 BY_VARIANT = {e.variant: e for e in EXPERIMENTS}
 TABLE_V_RATIO = 0.05  # nominal: the MosMedData-like split fixes 6 labeled of 126 training studies

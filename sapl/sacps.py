@@ -4,13 +4,16 @@
 
 # %% ../nbs/04_sacps.ipynb #ca8787bb
 from __future__ import annotations
+from contextlib import contextmanager
+from pathlib import Path
 import torch
 from .unet import l_seg, l_sup
 from .train import Method, register, VARIANTS
-from .style_pool import StylePool, ensure_sean, sample_reference, synthesize_pseudo, self_style
+from .style_pool import StylePool, ensure_sean, sean_dir, sample_reference, synthesize_pseudo, self_style
 
 # %% auto #0
-__all__ = ['pseudo_labels', 'cross_synthesize', 'l_pseudo', 'l_synthetic', 'l_unsup', 'l_sacps', 'SACPS', 'CPS']
+__all__ = ['pseudo_labels', 'cross_synthesize', 'l_pseudo', 'l_synthetic', 'l_unsup', 'l_sacps', 'sean_lock', 'SynthesisSetup',
+           'SACPS', 'CPS']
 
 # %% ../nbs/04_sacps.ipynb #01163584
 def pseudo_labels(z: torch.Tensor, # [B,1,H,W] logits
@@ -46,9 +49,38 @@ def l_sacps(l_s, l_u, lam: float = 0.5) -> torch.Tensor:
     "Total SA-CPS loss L_s + λ L_u (Eq. 14)."
     return l_s + lam*l_u
 
+# %% ../nbs/04_sacps.ipynb #db527931
+@contextmanager
+def sean_lock(d: Path):
+    "Exclusive lock on a synthesizer folder while it is trained or loaded (no-op where `fcntl` is missing)."
+    d.mkdir(parents=True, exist_ok=True)
+    try: import fcntl
+    except ImportError: yield; return
+    with open(d/'.lock', 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+class SynthesisSetup:
+    "Mixin of a `Method` with options `style`, `K`, `sean_seed`: the split's synthesizer, its style pool, SC_ref per iteration."
+    def setup_synthesis(self, tr):
+        "Load (or first train) the split's synthesizer, frozen, and build the style pool of option `style`."
+        c = self.cfg
+        with sean_lock(sean_dir(c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'])):
+            self.gen = ensure_sean(tr.data.train_l, c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'], device=c.device,
+                                   verbose=tr.progress).to(tr.device).eval().requires_grad_(False)
+        self.pool = None if self.o['style'] == 'self' else StylePool.build(self.gen, tr.data.train_l, kind=self.o['style'])
+
+    def reference(self, tr, xu, lung, yp) -> torch.Tensor:
+        "SC_ref of this iteration ([1,s,d], Eq. 2), or the Self Style codes of `xu` under `yp` ([B,s,d])."
+        if self.o['style'] == 'self': return self_style(self.gen, xu, lung, yp)
+        g = torch.Generator().manual_seed(self.cfg.seed*1_000_003 + tr.sched.last_epoch)
+        sc, self.last_draw = sample_reference(self.pool, self.o['K'], g)
+        return sc
+
 # %% ../nbs/04_sacps.ipynb #581daaee
 @register
-class SACPS(Method):
+class SACPS(SynthesisSetup, Method):
     name = 'sacps'
     n_models = 2
     unlabeled = True
@@ -61,17 +93,7 @@ class SACPS(Method):
         self.gen = self.pool = None; self.last_draw = None
 
     def setup(self, tr):
-        if not self.o['synthetic']: return
-        c = self.cfg
-        self.gen = ensure_sean(tr.data.train_l, c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'], device=c.device,
-                               verbose=tr.progress).to(tr.device).eval().requires_grad_(False)
-        if self.o['style'] != 'self': self.pool = StylePool.build(self.gen, tr.data.train_l, kind=self.o['style'])
-
-    def reference(self, tr, xu, lung, yp) -> torch.Tensor:
-        if self.o['style'] == 'self': return self_style(self.gen, xu, lung, yp)
-        g = torch.Generator().manual_seed(self.cfg.seed*1_000_003 + tr.sched.last_epoch)
-        sc, self.last_draw = sample_reference(self.pool, self.o['K'], g)
-        return sc
+        if self.o['synthetic']: self.setup_synthesis(tr)
 
     def train_step(self, tr, bl, bu):
         s1, s2 = tr.models[0], tr.models[1]; o = self.o
