@@ -118,30 +118,33 @@ def step_memory(tr: Trainer, ctx_gib: float = 0.5) -> dict:
                 gpu_estimate=4*n_all + 4*n_tr + A + ctx_gib*2**30, seconds=sec,
                 loss=float(losses['loss'].detach()), finite=all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in losses.values()))
 
-# %% ../nbs/01c_paper_profile.ipynb #16e149c5
+# %% ../nbs/01c_paper_profile.ipynb #86e92d2d
 def memory_table(methods: list, S: int = 512, batch: int = 8, out_dir='runs/paper-profile', csv_path=None, gen: nn.Module|None = None,
-                 progress: bool = True):
-    "One profiled iteration per method at side S and global batch `batch`: a DataFrame (one row per method)."
+                 scale_to: int|None = None, progress: bool = True):
+    "One profiled iteration per method at side S and global batch `batch` (estimate of Eq. M1 for batch `scale_to`): a DataFrame."
     import pandas as pd
     gen = gen if gen is not None else paper_sean()
-    rows = []
+    target, GiB, rows = scale_to or batch, 2**30, []
     for m in methods:
         t0 = time.time()
         with given_synthesizer(gen):
-            tr = Trainer(paper_config(m, Path(out_dir)/m, batch=batch, iters=1), synthetic_bundle(S, batch), progress=False)
+            tr = Trainer(paper_config(m, Path(out_dir)/f'{m}-b{batch}', batch=batch, iters=1), synthetic_bundle(S, batch), progress=False)
             r = step_memory(tr)
-        GiB = 2**30
-        rows.append({'method': m, 'params_M': r['params']/1e6, 'trained_M': r['trained']/1e6, 'activations_GiB': r['activation']/GiB,
-                     'step_peak_GiB': r['step_peak']/GiB, 'gpu_estimate_GiB': r['gpu_estimate']/GiB, 'step_s_cpu': r['seconds'],
+        k = target/batch   # activations grow linearly with the batch
+        rows.append({'method': m, 'batch': batch, 'params_M': r['params']/1e6, 'trained_M': r['trained']/1e6,
+                     'activations_GiB': r['activation']/GiB, 'step_peak_GiB': r['step_peak']/GiB, 'estimate_batch': target,
+                     'gpu_estimate_GiB': (r['gpu_estimate'] + (k - 1)*r['step_peak'])/GiB, 'step_s_cpu': r['seconds'],
                      'loss': r['loss'], 'finite': r['finite']})
-        if progress: print(f"{m}: {rows[-1]['step_peak_GiB']:.2f} GiB step peak, {time.time() - t0:.0f} s", flush=True)
+        if progress: print(f"{m} (batch {batch}): {rows[-1]['step_peak_GiB']:.2f} GiB step peak, {time.time() - t0:.0f} s", flush=True)
         del tr
         if csv_path is not None:
             with atomic_path(csv_path) as tmp: pd.DataFrame(rows).to_csv(tmp, index=False)
     return pd.DataFrame(rows)
 
-def memory_markdown(df, S: int, batch: int) -> str:
+def memory_markdown(df) -> str:
     "The table as Markdown."
-    head = '| method | parameters (M) | trained (M) | activations (GiB) | step peak (GiB) | GPU estimate, fp32 (GiB) | CPU s/iteration |\n|---|---:|---:|---:|---:|---:|---:|\n'
-    return head + ''.join(f"| {r.method} | {r.params_M:.1f} | {r.trained_M:.1f} | {r.activations_GiB:.2f} | {r.step_peak_GiB:.2f} | {r.gpu_estimate_GiB:.1f} | {r.step_s_cpu:.0f} |\n"
-                          for r in df.itertuples())
+    t = df['estimate_batch'].iloc[0]
+    head = (f'| method | parameters (M) | trained (M) | profiled batch | activations (GiB) | step peak (GiB) | GPU estimate at batch {t}, fp32 (GiB) | CPU s/iteration | loss finite |\n'
+            '|---|---:|---:|---:|---:|---:|---:|---:|---|\n')
+    return head + ''.join(f"| {r.method} | {r.params_M:.1f} | {r.trained_M:.1f} | {r.batch} | {r.activations_GiB:.2f} | {r.step_peak_GiB:.2f} | "
+                          f"{r.gpu_estimate_GiB:.1f} | {r.step_s_cpu:.0f} | {'yes' if r.finite else 'NO'} |\n" for r in df.itertuples())
