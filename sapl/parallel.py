@@ -12,8 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 # %% auto #0
 __all__ = ['AMP_MODES', 'dist_env', 'is_dist', 'get_rank', 'get_world', 'is_main', 'init_distributed', 'barrier', 'main_first',
-           'shard', 'global_batch', 'batch_sum', 'GlooSyncBatchNorm', 'has_batchnorm', 'sync_batchnorm', 'StepModule',
-           'data_parallel', 'resolve_amp', 'resolve_channels_last', 'autocast', 'grad_scaler']
+           'shard', 'global_batch', 'all_reduce_sum', 'batch_sum', 'GlooSyncBatchNorm', 'has_batchnorm',
+           'sync_batchnorm', 'StepModule', 'data_parallel', 'resolve_amp', 'resolve_channels_last', 'autocast',
+           'grad_scaler']
 
 # %% ../nbs/01b_parallel.ipynb #ad060c4f
 def dist_env() -> tuple:
@@ -58,7 +59,7 @@ def shard(idx: list, # the global batch b_1..b_B
     b = len(idx)//world
     return list(idx[rank*b:(rank + 1)*b])
 
-# %% ../nbs/01b_parallel.ipynb #a59b511d
+# %% ../nbs/01b_parallel.ipynb #9f2612bd
 _GLOBAL_BATCH = contextvars.ContextVar('sapl_global_batch', default=False)
 
 @contextlib.contextmanager
@@ -68,23 +69,33 @@ def global_batch(on: bool = True):
     try: yield
     finally: _GLOBAL_BATCH.reset(tok)
 
+class _SumOverProcesses(torch.autograd.Function):
+    "All-reduce (sum) whose backward sums the incoming gradients over the processes too (Eq. P3)."
+    @staticmethod
+    def forward(ctx, s):
+        s = s.clone(); dist.all_reduce(s); return s
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone(); dist.all_reduce(g); return g
+
+def all_reduce_sum(s: torch.Tensor) -> torch.Tensor:
+    "Differentiable sum of `s` over the processes of the group (Eq. P3)."
+    return _SumOverProcesses.apply(s)
+
 def batch_sum(s: torch.Tensor) -> torch.Tensor:
     "S = sum over processes of s (Eq. P3), differentiable; `s` itself outside `global_batch()`."
-    if not _GLOBAL_BATCH.get(): return s
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(s)
+    return all_reduce_sum(s) if _GLOBAL_BATCH.get() else s
 
-# %% ../nbs/01b_parallel.ipynb #22b5c376
+# %% ../nbs/01b_parallel.ipynb #8d013bba
 class GlooSyncBatchNorm(nn.BatchNorm2d):
     "BatchNorm2d with training statistics over every process's batch (Eq. P4); plain BatchNorm2d in one process."
     def forward(self, x: torch.Tensor) -> torch.Tensor: # x: [b,C,H,W]
         if not (self.training and is_dist()): return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
         xf = x.float()
         M = torch.tensor([float(xf.numel()//xf.shape[1])], device=x.device); dist.all_reduce(M)
-        mu = all_reduce(xf.sum((0, 2, 3)))/M
+        mu = all_reduce_sum(xf.sum((0, 2, 3)))/M
         d = xf - mu[None, :, None, None]
-        var = all_reduce((d*d).sum((0, 2, 3)))/M
+        var = all_reduce_sum((d*d).sum((0, 2, 3)))/M
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
