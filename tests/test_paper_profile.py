@@ -53,7 +53,7 @@ def test_two_iterations_paper_resolution(method, sean, tmp_path):
     check(paper_iterations(method, PAPER.size, tmp_path, gen=sean), PAPER.size)
 
 
-BF16_RTOL = 0.03   # stated tolerance: bf16 autocast losses within 3 % of fp32 over the first iterations
+BF16_RTOL = 0.01   # stated tolerance: bf16 autocast losses within 1 % of fp32 over 4 iterations (measured: <= 0.07 %)
 
 
 def _losses(cfg, n=4):
