@@ -16,7 +16,7 @@ from .sean import SEAN, SEAN_PROFILES
 # %% auto #0
 __all__ = ['METHOD_MODULES', 'SHORT_OPTS', 'registered_methods', 'synthetic_volume', 'synthetic_bundle', 'short_opts',
            'paper_config', 'paper_sean', 'given_synthesizer', 'paper_iterations', 'step_memory', 'memory_table',
-           'memory_markdown']
+           'estimate', 'scaling_check', 'memory_markdown']
 
 # %% ../nbs/01c_paper_profile.ipynb #d61076bf
 METHOD_MODULES = ('sapl.sacps', 'sapl.sast', 'sapl.baselines', 'sapl.modern')
@@ -118,33 +118,48 @@ def step_memory(tr: Trainer, ctx_gib: float = 0.5) -> dict:
                 gpu_estimate=4*n_all + 4*n_tr + A + ctx_gib*2**30, seconds=sec,
                 loss=float(losses['loss'].detach()), finite=all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in losses.values()))
 
-# %% ../nbs/01c_paper_profile.ipynb #86e92d2d
-def memory_table(methods: list, S: int = 512, batch: int = 8, out_dir='runs/paper-profile', csv_path=None, gen: nn.Module|None = None,
-                 scale_to: int|None = None, progress: bool = True):
-    "One profiled iteration per method at side S and global batch `batch` (estimate of Eq. M1 for batch `scale_to`): a DataFrame."
+# %% ../nbs/01c_paper_profile.ipynb #79567642
+def memory_table(methods: list, S: int = 512, batch: int = 2, out_dir='runs/paper-profile', gen: nn.Module|None = None,
+                 batch_for: dict|None = None, progress: bool = True):
+    "Profile one iteration per method at side S, global batch `batch` (or `batch_for[method]`); rows accumulate in out_dir/memory.csv."
     import pandas as pd
-    gen = gen if gen is not None else paper_sean()
-    target, GiB, rows = scale_to or batch, 2**30, []
+    csv_path, GiB = Path(out_dir)/'memory.csv', 2**30
+    rows = pd.read_csv(csv_path).to_dict('records') if csv_path.exists() else []
     for m in methods:
+        b = (batch_for or {}).get(m, batch)
+        if any(r['method'] == m and r['S'] == S and r['batch'] == b for r in rows): continue   # measured before: not redone
+        gen = gen if gen is not None else paper_sean()
         t0 = time.time()
         with given_synthesizer(gen):
-            tr = Trainer(paper_config(m, Path(out_dir)/f'{m}-b{batch}', batch=batch, iters=1), synthetic_bundle(S, batch), progress=False)
+            tr = Trainer(paper_config(m, Path(out_dir)/f'{m}-S{S}-b{b}', batch=b, iters=1), synthetic_bundle(S, b), progress=False)
             r = step_memory(tr)
-        k = target/batch   # activations grow linearly with the batch
-        rows.append({'method': m, 'batch': batch, 'params_M': r['params']/1e6, 'trained_M': r['trained']/1e6,
-                     'activations_GiB': r['activation']/GiB, 'step_peak_GiB': r['step_peak']/GiB, 'estimate_batch': target,
-                     'gpu_estimate_GiB': (r['gpu_estimate'] + (k - 1)*r['step_peak'])/GiB, 'step_s_cpu': r['seconds'],
-                     'loss': r['loss'], 'finite': r['finite']})
-        if progress: print(f"{m} (batch {batch}): {rows[-1]['step_peak_GiB']:.2f} GiB step peak, {time.time() - t0:.0f} s", flush=True)
+        rows.append({'method': m, 'S': S, 'batch': b, 'params_M': r['params']/1e6, 'trained_M': r['trained']/1e6,
+                     'activations_GiB': r['activation']/GiB, 'step_peak_GiB': r['step_peak']/GiB,
+                     'persistent_GiB': (r['gpu_estimate'] - r['step_peak'])/GiB, 'step_s_cpu': r['seconds'], 'loss': r['loss'], 'finite': r['finite']})
+        if progress: print(f"{m} ({S} px, batch {b}): {r['step_peak']/GiB:.2f} GiB step peak, {time.time() - t0:.0f} s", flush=True)
         del tr
-        if csv_path is not None:
-            with atomic_path(csv_path) as tmp: pd.DataFrame(rows).to_csv(tmp, index=False)
+        with atomic_path(csv_path) as tmp: pd.DataFrame(rows).to_csv(tmp, index=False)
     return pd.DataFrame(rows)
 
-def memory_markdown(df) -> str:
-    "The table as Markdown."
-    t = df['estimate_batch'].iloc[0]
-    head = (f'| method | parameters (M) | trained (M) | profiled batch | activations (GiB) | step peak (GiB) | GPU estimate at batch {t}, fp32 (GiB) | CPU s/iteration | loss finite |\n'
-            '|---|---:|---:|---:|---:|---:|---:|---:|---|\n')
-    return head + ''.join(f"| {r.method} | {r.params_M:.1f} | {r.trained_M:.1f} | {r.batch} | {r.activations_GiB:.2f} | {r.step_peak_GiB:.2f} | "
-                          f"{r.gpu_estimate_GiB:.1f} | {r.step_s_cpu:.0f} | {'yes' if r.finite else 'NO'} |\n" for r in df.itertuples())
+def estimate(df, S: int = 512, batch: int = 8):
+    "Per method, the measurement at the largest side and batch, with Eq. M1 for side S and batch `batch` (step peak scaled by pixels x batch)."
+    d = df.sort_values(['S', 'batch']).groupby('method').tail(1).copy()
+    d['gpu_estimate_GiB'] = d.persistent_GiB + d.step_peak_GiB*(S/d.S)**2*(batch/d.batch)
+    return d.sort_values('gpu_estimate_GiB')
+
+def scaling_check(df) -> list:
+    "Methods measured at several (side, batch): step-peak ratio measured vs. the pixels x batch ratio."
+    out = []
+    for m, g in df.groupby('method'):
+        g = g.sort_values(['S', 'batch'])
+        if len(g) < 2: continue
+        lo, hi = g.iloc[0], g.iloc[-1]
+        out.append((m, f"{lo.S} px b{lo.batch}", f"{hi.S} px b{hi.batch}", hi.step_peak_GiB/lo.step_peak_GiB, (hi.S/lo.S)**2*hi.batch/lo.batch))
+    return out
+
+def memory_markdown(d, S: int = 512, batch: int = 8) -> str:
+    "The estimate table as Markdown."
+    head = (f'| method | parameters (M) | trained (M) | profiled at | activations (GiB) | step peak (GiB) | GPU estimate at {S} px, batch {batch}, fp32 (GiB) | CPU s/iteration | loss finite |\n'
+            '|---|---:|---:|---|---:|---:|---:|---:|---|\n')
+    return head + ''.join(f"| {r.method} | {r.params_M:.1f} | {r.trained_M:.1f} | {r.S} px, batch {r.batch} | {r.activations_GiB:.2f} | {r.step_peak_GiB:.2f} | "
+                          f"{r.gpu_estimate_GiB:.1f} | {r.step_s_cpu:.0f} | {'yes' if r.finite else 'NO'} |\n" for r in d.itertuples())
