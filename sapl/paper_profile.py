@@ -16,7 +16,7 @@ from .sean import SEAN, SEAN_PROFILES
 # %% auto #0
 __all__ = ['METHOD_MODULES', 'SHORT_OPTS', 'registered_methods', 'synthetic_volume', 'synthetic_bundle', 'short_opts',
            'paper_config', 'paper_sean', 'given_synthesizer', 'paper_iterations', 'step_memory', 'memory_table',
-           'estimate', 'scaling_check', 'memory_markdown']
+           'estimate', 'scaling_check', 'memory_markdown', 'memory_report']
 
 # %% ../nbs/01c_paper_profile.ipynb #d61076bf
 METHOD_MODULES = ('sapl.sacps', 'sapl.sast', 'sapl.baselines', 'sapl.modern')
@@ -163,3 +163,20 @@ def memory_markdown(d, S: int = 512, batch: int = 8) -> str:
             '|---|---:|---:|---|---:|---:|---:|---:|---|\n')
     return head + ''.join(f"| {r.method} | {r.params_M:.1f} | {r.trained_M:.1f} | {r.S} px, batch {r.batch} | {r.activations_GiB:.2f} | {r.step_peak_GiB:.2f} | "
                           f"{r.gpu_estimate_GiB:.1f} | {r.step_s_cpu:.0f} | {'yes' if r.finite else 'NO'} |\n" for r in d.itertuples())
+
+# %% ../nbs/01c_paper_profile.ipynb #ebf73036
+def memory_report(df, S: int = 512, batch: int = 8) -> str:
+    "reports/paper_profile.md: the estimate table of the measurements in `df` and the scaling check."
+    import datetime
+    with torch.device('meta'): n_sean = sum(p.numel() for p in SEAN(SEAN_PROFILES['paper']).parameters())/1e6
+    chk = scaling_check(df)
+    return (f"# Paper profile: memory per method\n\nOne training iteration (forward, backward, SGD step) per method, fp32, measured on the CPU "
+            f"with `torch.profiler` (`profile_memory=True`) by `nbs/01c_paper_profile.ipynb` ({datetime.date.today()}, torch {torch.__version__}), "
+            f"on synthetic slices with the paper's U-Net widths and SEAN ({n_sean:.0f} M parameters, frozen inside SA-CPS).\n\n"
+            "Parameters include frozen networks (EMA teachers, the synthesizer). Activations: tensors kept for backward, at their peak; step peak: "
+            "everything alive during the iteration except parameters and optimizer state. GPU estimate: Eq. M1 = 4 B x (parameters + trained "
+            f"parameters) + step peak + 0.5 GiB CUDA context, before allocator fragmentation, with the step peak scaled by pixels x batch from where "
+            f"it was profiled to {S} px, batch {batch}. CPU s/iteration: single-threaded, profiler on, on a shared machine (not a speed figure). "
+            "bf16 autocast roughly halves activations.\n\n" + memory_markdown(estimate(df, S, batch), S, batch) +
+            "\nScaling check (step peak, measured ratio vs. pixels x batch ratio): " +
+            ('; '.join(f"{m} {a} -> {b}: {r:.2f} vs {e:.2f}" for m, a, b, r, e in chk) or 'none measured') + ".\n")
