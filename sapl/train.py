@@ -5,7 +5,7 @@
 # %% ../nbs/01a_train.ipynb #bafd4a7f
 from __future__ import annotations
 import os, sys, math, time, json, random, subprocess, csv
-from dataclasses import dataclass, field, asdict, replace
+from dataclasses import dataclass, field, fields, asdict, replace, MISSING
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,11 +13,13 @@ import torch.nn as nn
 from torch.utils.data import default_collate
 from .data import DataBundle, LabeledSlices, UnlabeledSlices, get_profile, log, resolve, atomic_path
 from .unet import UNet, l_seg
+from .parallel import init_distributed, get_rank, get_world, is_main, barrier, main_first, shard, global_batch
+from .parallel import has_batchnorm, sync_batchnorm, data_parallel, resolve_amp, resolve_channels_last, autocast, grad_scaler
 
 # %% auto #0
 __all__ = ['VARIANTS', 'METHODS', 'RunConfig', 'seed_everything', 'rng_state', 'set_rng_state', 'save_checkpoint',
-           'load_checkpoint', 'git_sha', 'poly_lr', 'register', 'Method', 'Full', 'get_method', 'Trainer', 'run',
-           'evaluate_run']
+           'load_checkpoint', 'config_defaults', 'git_sha', 'poly_lr', 'register', 'Method', 'Full', 'get_method',
+           'Trainer', 'run', 'evaluate_run', 'main']
 
 # %% ../nbs/01a_train.ipynb #3cf064d9
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class RunConfig:
     tag: str|None = None
     select: str = 'last'      # checkpoint that is evaluated: 'last' (end of the schedule) or 'best' (highest validation DSC)
     opts: dict = field(default_factory=dict)
+    amp: str = 'auto'                # 'auto' | 'off' | 'bf16' | 'fp16' (see sapl.parallel); auto: on with cuda at the paper profile
+    channels_last: bool|None = None  # None: on with cuda at the paper profile
 
     def __post_init__(self):
         get_profile(self.profile)
@@ -53,6 +57,7 @@ class RunConfig:
             if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
         if self.lr <= 0: raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.select not in ('last', 'best'): raise ValueError(f"select must be 'last' or 'best', got {self.select!r}")
+        resolve_amp(self.amp, 'cpu', self.profile)  # validates the name
 
     @property
     def prof(self): return get_profile(self.profile)
@@ -104,7 +109,8 @@ def set_rng_state(s: dict):
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 def save_checkpoint(path, obj: dict):
-    "torch.save to a temporary file in the same folder, then rename."
+    "torch.save to a temporary file in the same folder, then rename (rank 0 only under torchrun)."
+    if not is_main(): return
     with atomic_path(path) as tmp: torch.save(obj, tmp)
 
 def load_checkpoint(path, map_location='cpu') -> dict:
@@ -113,6 +119,10 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     if not path.is_file(): raise FileNotFoundError(f"{path}: checkpoint not found")
     try: return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e: raise RuntimeError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e})") from None
+
+def config_defaults() -> dict:
+    "Default values of the RunConfig fields (fill in fields a checkpoint predates)."
+    return {f.name: f.default for f in fields(RunConfig) if f.default is not MISSING}
 
 def git_sha() -> str:
     "Short git SHA of the code ('+dirty' when a tracked file outside reports/ is modified), or 'unknown'."
@@ -176,7 +186,9 @@ class Trainer:
     def __init__(self, cfg: RunConfig, data: DataBundle, method: Method|None = None, progress: bool = True):
         self.cfg, self.data, self.progress = cfg, data, progress
         self.method = method or get_method(cfg)
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(init_distributed(cfg.device))   # cuda:LOCAL_RANK under torchrun
+        self.rank, self.world = get_rank(), get_world()
+        if self.rank: self.progress = False                          # rank 0 alone prints and writes
         self.run_dir = cfg.run_dir
         seed_everything(cfg.seed)
         self.models = nn.ModuleList(self.method.build(self)).to(self.device)
@@ -187,6 +199,7 @@ class Trainer:
         self.epoch, self.history, self.best = 0, [], -1.
         self._perm = {}
         self.method.setup(self)
+        self._accelerate()
         n = self.method.epoch_size(self) or len(self.unlabeled if self.unlabeled is not None else self.labeled)
         self.iters = cfg.iters_per_epoch or cfg.prof.iters_per_epoch or math.ceil(n/cfg.n_batch)
         self.total = self.iters*cfg.n_epochs
@@ -207,19 +220,48 @@ class Trainer:
         while len(st['order']) - st['k'] < B:
             rng = np.random.default_rng([self.cfg.seed, self.epoch, sum(map(ord, name)), len(st['order'])])
             st['order'].extend(rng.permutation(len(ds)).tolist())
-        idx = st['order'][st['k']:st['k'] + B]; st['k'] += B
+        idx = shard(st['order'][st['k']:st['k'] + B], self.rank, self.world); st['k'] += B   # this process's share (Eq. P1)
         b = default_collate([ds[i] for i in idx])
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    def _accelerate(self):
+        "Precision, memory layout and DistributedDataParallel (sapl.parallel); nothing changes for an fp32 single process."
+        cfg, dt = self.cfg, self.device.type
+        self.amp = resolve_amp(cfg.amp, dt, cfg.profile)
+        self.scaler = grad_scaler(self.amp, dt)
+        if resolve_channels_last(cfg.channels_last, dt, cfg.profile):   # the networks and extra modules (e.g. the synthesizer)
+            for m in [self.models, *[v for v in vars(self.method).values() if isinstance(v, nn.Module)]]: m.to(memory_format=torch.channels_last)
+        self.ddp = None
+        if self.world > 1:
+            if cfg.n_batch % self.world: raise ValueError(f"batch {cfg.n_batch} (global) must be divisible by the {self.world} processes")
+            if has_batchnorm(self.models): sync_batchnorm(self.models, dt)
+            self.ddp = data_parallel(self.models)
+            if self.rank: torch.manual_seed(cfg.seed*1_000_003 + self.rank)   # independent perturbation noise per process
+
+    def train_step(self, bl: dict, bu: dict|None) -> dict:
+        "The method's step under the run's precision; through DistributedDataParallel (batch-wide sums over all processes) under torchrun."
+        with autocast(self.amp, self.device.type), global_batch(self.ddp is not None):
+            if self.ddp is None: return self.method.train_step(self, bl, bu)
+            return self.ddp(self.method.train_step, self, bl, bu)
+
+    def optimizer_step(self, loss: torch.Tensor):
+        "Backward, optimizer and schedule step (loss scaling under fp16)."
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None: loss.backward(); self.opt.step()
+        else: self.scaler.scale(loss).backward(); self.scaler.step(self.opt); self.scaler.update()
+        self.sched.step()
 
     def checkpoint(self) -> dict:
         return {'models': [m.state_dict() for m in self.models], 'optimizer': self.opt.state_dict(), 'scheduler': self.sched.state_dict(),
                 'rng': rng_state(), 'epoch': self.epoch, 'config': json.loads(json.dumps(asdict(self.cfg))), 'git_sha': git_sha(),
-                'history': self.history, 'best': self.best, 'method': self.method.state()}
+                'history': self.history, 'best': self.best, 'method': self.method.state(),
+                **({'scaler': self.scaler.state_dict()} if getattr(self, 'scaler', None) is not None else {})}
 
     def load(self, ck: dict, weights_only_models: bool = False):
         for m, s in zip(self.models, ck['models']): m.load_state_dict(s)
         if weights_only_models: return self
         self.opt.load_state_dict(ck['optimizer']); self.sched.load_state_dict(ck['scheduler'])
+        if ck.get('scaler') is not None and getattr(self, 'scaler', None) is not None: self.scaler.load_state_dict(ck['scaler'])
         set_rng_state(ck['rng']); self.epoch, self.history, self.best = ck['epoch'], list(ck['history']), ck['best']
         self.method.load_state(ck['method'])
         return self
@@ -232,9 +274,9 @@ class Trainer:
         def same(d):  # what a run computes, not where: paths and device left out, profile defaults made explicit
             prof = get_profile(d.get('profile', 'quick'))
             d = {**d, **{k: d.get(k) or getattr(prof, k) for k in ('epochs', 'iters_per_epoch', 'batch')}}
-            d.setdefault('select', 'best')  # checkpoints made before `select` existed evaluated the best epoch
             return {k: v for k, v in d.items() if k not in ('data_dir', 'out_dir', 'split_dir', 'device')}
-        if same(ck['config']) != same(json.loads(json.dumps(asdict(self.cfg)))):
+        old = {**config_defaults(), 'select': 'best', **ck['config']}  # later fields: their defaults; before `select`, the best epoch was evaluated
+        if same(old) != same(json.loads(json.dumps(asdict(self.cfg)))):
             raise RuntimeError(f"{p}: checkpoint was made with a different configuration; use another out_dir or delete the folder")
         self.load(ck)
         log.info(f"{self.cfg.name}: resumed from {p} at epoch {self.epoch}/{self.cfg.n_epochs}")
@@ -243,7 +285,8 @@ class Trainer:
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor: # x: [B,1,H,W] -> [B,1,H,W] probabilities
         self.models.eval()
-        return self.method.predict(self, x.to(self.device)).float().cpu()
+        with autocast(getattr(self, 'amp', 'off'), self.device.type):
+            return self.method.predict(self, x.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def validate(self, vols=None) -> float:
@@ -270,8 +313,8 @@ class Trainer:
                 bl = self.next_batch('labeled', self.labeled)
                 bu = self.next_batch('unlabeled', self.unlabeled) if self.unlabeled is not None else None
                 self.models.train()
-                losses = self.method.train_step(self, bl, bu)
-                self.opt.zero_grad(set_to_none=True); losses['loss'].backward(); self.opt.step(); self.sched.step()
+                losses = self.train_step(bl, bu)
+                self.optimizer_step(losses['loss'])
                 self.method.after_step(self)
                 for k, v in losses.items(): sums[k] = sums.get(k, 0.) + float(v.detach() if torch.is_tensor(v) else v)
                 bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
@@ -301,17 +344,20 @@ class Trainer:
         self.models.eval(); return self
 
     def _log_csv(self):
-        keys = sorted({k for r in self.history for k in r}, key=lambda k: (k != 'epoch', k))
-        with atomic_path(self.run_dir/'metrics.csv') as tmp, open(tmp, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=keys); w.writeheader(); w.writerows(self.history)
+        if self.rank == 0:
+            keys = sorted({k for r in self.history for k in r}, key=lambda k: (k != 'epoch', k))
+            with atomic_path(self.run_dir/'metrics.csv') as tmp, open(tmp, 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=keys); w.writeheader(); w.writerows(self.history)
+        barrier()   # under torchrun: the epoch's checkpoints and log are on disk before any process goes on
 
 # %% ../nbs/01a_train.ipynb #1d1838b1
 def run(cfg: RunConfig, data: DataBundle|None = None, progress: bool = True) -> Trainer:
     "Prepare data (unless given), train or resume `cfg`, return the trainer with its best weights."
     from sapl.data import prepare_data
+    init_distributed(cfg.device)
     if data is None:
-        data = prepare_data(cfg.dataset, cfg.data_dir, 1.0 if cfg.method == 'full' else cfg.ratio, cfg.profile,
-                            cfg.split_seed, cfg.split_dir, progress=progress)
+        with main_first(): data = prepare_data(cfg.dataset, cfg.data_dir, 1.0 if cfg.method == 'full' else cfg.ratio, cfg.profile,
+                                               cfg.split_seed, cfg.split_dir, progress=progress)
     elif cfg.method == 'full' and data.train_u:
         data = replace(data, train_l=data.train_l + data.train_u, train_u=[])
     return Trainer(cfg, data, progress=progress).fit()
@@ -323,5 +369,41 @@ def evaluate_run(tr: Trainer, data: DataBundle, force: bool = False):
     p, ck = tr.run_dir/'test.csv', tr.cfg.checkpoint_path
     if p.exists() and not force and (not ck.exists() or p.stat().st_mtime >= ck.stat().st_mtime): return pd.read_csv(p)
     df = evaluate(tr.predict, data.test, device=tr.cfg.device)
-    with atomic_path(p) as tmp: df.to_csv(tmp, index=False)
+    if is_main():
+        with atomic_path(p) as tmp: df.to_csv(tmp, index=False)
     return df
+
+# %% ../nbs/01a_train.ipynb #c1a7e002
+def _cli_value(s: str, kind: str):
+    if s.lower() == 'none' and 'None' in kind: return None
+    if kind.startswith('bool'): return s.lower() in ('1', 'true', 'yes', 'on')
+    if kind.startswith('int'): return int(s)
+    if kind.startswith('float'): return float(s)
+    return s
+
+def main(argv: list|None = None) -> Trainer:
+    "Command line: train (or resume) one configuration, then evaluate it on the test volumes (rank 0)."
+    import argparse, importlib
+    for mod in ('sapl.sacps', 'sapl.sast', 'sapl.baselines', 'sapl.modern'):   # register every method
+        try: importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod: raise
+    p = argparse.ArgumentParser(prog='python -m sapl.train', description='Train and evaluate one sapl configuration.')
+    p.add_argument('--variant', help=f'a named variant (sets method, opts, tag): {", ".join(sorted(VARIANTS))}')
+    for f in fields(RunConfig):
+        if f.name == 'opts': p.add_argument('--opts', type=json.loads, default={}, help='method options as JSON')
+        else: p.add_argument('--' + f.name.replace('_', '-'), dest=f.name, type=lambda s, k=str(f.type): _cli_value(s, k), default=f.default)
+    p.add_argument('--no-eval', action='store_true', help='skip the test evaluation')
+    a = vars(p.parse_args(argv)); variant, no_eval = a.pop('variant'), a.pop('no_eval')
+    cfg = RunConfig(**a)
+    if variant: cfg = replace(cfg.variant(variant), opts={**VARIANTS[variant][1], **a['opts']})
+    tr = run(cfg, progress=True)
+    if not no_eval and is_main():
+        df = evaluate_run(tr, tr.data)
+        print(f"{cfg.name}: test DSC {df['dsc'].mean():.4f} over {len(df)} volumes ({tr.run_dir/'test.csv'})", flush=True)
+    barrier()
+    return tr
+
+if __name__ == '__main__' and '__file__' in globals():   # python -m sapl.train / torchrun -m sapl.train
+    from sapl.train import main as _main   # the registry of the imported module, not of __main__
+    _main(sys.argv[1:])

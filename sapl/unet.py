@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .parallel import batch_sum
 
 # %% auto #0
 __all__ = ['ConvBlock', 'Encoder', 'Decoder', 'UNet', 'l_bce', 'l_dice', 'l_seg', 'l_sup']
@@ -57,17 +58,18 @@ class UNet(nn.Module):
 def l_bce(z: torch.Tensor, # [B,1,H,W] logits
           y: torch.Tensor, # [B,1,H,W] targets in {0,1}
          ) -> torch.Tensor:
-    "Binary cross-entropy of Eq. 7, mean over pixels."
-    return F.binary_cross_entropy_with_logits(z, y.float())
+    "Binary cross-entropy of Eq. 7, mean over pixels (in fp32 under mixed precision)."
+    return F.binary_cross_entropy_with_logits(z.float(), y.float())
 
 # %% ../nbs/01_unet.ipynb #dc9d0883
 def l_dice(z: torch.Tensor, # [B,1,H,W] logits
            y: torch.Tensor, # [B,1,H,W] targets in {0,1}
            eps: float = 1.,
           ) -> torch.Tensor:
-    "Soft Dice loss of Eq. 8 over the batch."
-    p, y = torch.sigmoid(z), y.float()
-    return 1 - 2*(p*y).sum()/(p.sum() + y.sum() + eps)
+    "Soft Dice loss of Eq. 8 over the batch (the global batch under torchrun, see `sapl.parallel.batch_sum`)."
+    p, y = torch.sigmoid(z.float()), y.float()
+    s = batch_sum(torch.stack([(p*y).sum(), p.sum() + y.sum()]))
+    return 1 - 2*s[0]/(s[1] + eps)
 
 # %% ../nbs/01_unet.ipynb #e941a8ec
 def l_seg(z: torch.Tensor, # [B,1,H,W] logits
