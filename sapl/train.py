@@ -163,7 +163,7 @@ def get_method(cfg: RunConfig) -> Method:
 # %% ../nbs/01a_train.ipynb #016e9fc5
 def predict_meta(cfg: RunConfig) -> dict:
     "The metadata a checkpoint of `cfg` carries for prediction on new CTs (stored under `checkpoint()['predict']`)."
-    from .data import HU_WINDOW, CROP_MARGIN_MM
+    from sapl.data import HU_WINDOW, CROP_MARGIN_MM
     p = cfg.prof
     return {'version': 1, 'profile': p.name, 'size': p.size, 'widths': list(p.widths), 'margin_mm': float(CROP_MARGIN_MM),
             'hu_window': [float(h) for h in HU_WINDOW], 'threshold': 0.5, 'method': cfg.method,
