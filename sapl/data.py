@@ -21,13 +21,14 @@ if not log.handlers:
     log.addHandler(_h); log.setLevel(logging.INFO)
 
 # %% auto #0
-__all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION', 'DATASETS', 'MOSMED_TRAIN_BANDS',
-           'MOSMED_TEST_BANDS', 'project_root', 'resolve', 'Profile', 'get_profile', 'DataError', 'load_nifti',
-           'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split', 'make_split', 'covid249_shape',
+__all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION', 'CROP_MARGIN_MM', 'DATASETS',
+           'MOSMED_TRAIN_BANDS', 'MOSMED_TEST_BANDS', 'project_root', 'resolve', 'Profile', 'get_profile', 'DataError',
+           'load_nifti', 'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split', 'make_split', 'covid249_shape',
            'protocol_split', 'read_split_list', 'paper_split', 'window', 'classical_lung_masks', 'lung_masks', 'Volume',
            'semantic', 'lung_box', 'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path',
-           'atomic_save_npz', 'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet', 'LabeledSlices',
-           'UnlabeledSlices', 'DataBundle', 'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all', 'prepare_data']
+           'atomic_save_npz', 'preprocess_array', 'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet',
+           'LabeledSlices', 'UnlabeledSlices', 'DataBundle', 'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all',
+           'prepare_data']
 
 # %% ../nbs/00_data.ipynb #e6e9f4e2
 def project_root() -> Path:
@@ -370,7 +371,7 @@ def crop_resize(a: np.ndarray, box, size: int, mode: str = 'bilinear') -> np.nda
 
 # %% ../nbs/00_data.ipynb #b84e3fab
 CACHE_VERSION = 3
-_PREPROCESS_CODE = ('preprocess_case', 'load_nifti', 'check_pair', 'window', 'lung_masks', 'classical_lung_masks', '_to_lps',
+_PREPROCESS_CODE = ('preprocess_case', 'preprocess_array', 'load_nifti', 'check_pair', 'window', 'lung_masks', 'classical_lung_masks', '_to_lps',
                     '_close2d', '_fill2d', '_largest', 'lung_box', 'crop_resize')
 
 def preprocess_fingerprint() -> str:
@@ -405,7 +406,30 @@ def atomic_save_npz(path, **arrays):
     "Write an .npz atomically (temporary file, then rename)."
     with atomic_path(path) as tmp, open(tmp, 'wb') as f: np.savez_compressed(f, **arrays)
 
-def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = 5., weights=None) -> Volume:
+CROP_MARGIN_MM = 5.  # margin of the lung crop box
+
+def preprocess_array(hu: np.ndarray,  # [Zo,Yo,Xo] HU
+                     spacing, affine, # (sz, sy, sx) mm; 4x4 NIfTI affine
+                     size: int,       # slice side S after crop + resize
+                     margin_mm: float = CROP_MARGIN_MM,
+                     weights=None,    # lungmask weights (see `lung_masks`)
+                     label: np.ndarray|None = None, # [Zo,Yo,Xo] {0,1} infection, optional
+                     lung: np.ndarray|None = None,  # [Zo,Yo,Xo] lungs {0,1,2} when already computed
+                     hu_window=HU_WINDOW, id: str = '', image_path: str = '', label_path: str|None = None, group: str|None = None,
+                    ) -> tuple:       # (Volume, lungs [Zo,Yo,Xo] uint8 on the original grid)
+    "Lung-mask (unless given), window, crop to the lung box and resize an array already read and checked."
+    if lung is None: lung = lung_masks(hu, spacing, affine, weights)
+    keep = np.nonzero(lung.any(axis=(1, 2)))[0]
+    if len(keep) == 0: raise DataError(f"{image_path or id}: no lungs found")
+    box = lung_box(lung[keep], spacing, margin_mm)
+    img = crop_resize(window(hu[keep], *hu_window), box, size)
+    lng = np.zeros((len(keep), size, size), np.uint8)
+    for v in (1, 2): lng[crop_resize((lung[keep] == v).astype(np.float32), box, size) >= .5] = v
+    lab = (crop_resize(label[keep], box, size) >= .5).astype(np.uint8) if label is not None else None
+    vol = Volume(id, img.clip(0, 1).astype(np.float32), lab, lng, keep, box, hu.shape, spacing, affine, image_path, label_path, group)
+    return vol, lung
+
+def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = CROP_MARGIN_MM, weights=None) -> Volume:
     "Load, check, window, lung-mask, crop and resize one case (cached)."
     weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS') or None
     key = cache_key(case, size, margin_mm, weights) if cache_dir else None
@@ -419,18 +443,12 @@ def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = 5.
     if case.label:
         label, _, laff = load_nifti(case.label, kind='mask')
         check_pair(case.image, hu.shape, affine, case.label, label.shape, laff)
-    lung = lung_masks(hu, spacing, affine, weights)
-    keep = np.nonzero(lung.any(axis=(1, 2)))[0]
-    if len(keep) == 0: raise DataError(f"{case.image}: no lungs found")
-    box = lung_box(lung[keep], spacing, margin_mm)
-    img = crop_resize(window(hu[keep]), box, size)
-    lng = np.zeros((len(keep), size, size), np.uint8)
-    for v in (1, 2): lng[crop_resize((lung[keep] == v).astype(np.float32), box, size) >= .5] = v
-    lab = (crop_resize(label[keep], box, size) >= .5).astype(np.uint8) if label is not None else None
-    vol = Volume(case.id, img.clip(0, 1).astype(np.float32), lab, lng, keep, box, hu.shape, spacing, affine, case.image, case.label, case.group)
+    vol, _ = preprocess_array(hu, spacing, affine, size, margin_mm, weights, label, id=case.id, image_path=case.image,
+                              label_path=case.label, group=case.group)
+    lab = vol.label
     if cpath is not None:
         atomic_save_npz(cpath, image=vol.image, label=lab if lab is not None else np.zeros(0, np.uint8), has_label=lab is not None,
-                        lung=lng, z=keep, box=np.array(box), shape=np.array(hu.shape), spacing=np.array(spacing), affine=affine)
+                        lung=vol.lung, z=vol.z, box=np.array(vol.box), shape=np.array(hu.shape), spacing=np.array(spacing), affine=affine)
     return vol
 
 # %% ../nbs/00_data.ipynb #850ba840
@@ -557,7 +575,7 @@ def preprocess_all(cases: list, size: int, cache_dir, weights=None, workers: int
     "Preprocessed volumes of `cases`: missing cache entries are made by a process pool (one process per core), then all are read."
     from tqdm.auto import tqdm
     weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS') or None
-    todo = [c for c in cases if not (Path(cache_dir)/f'{c.id}-{cache_key(c, size, 5., weights)}.npz').exists()]
+    todo = [c for c in cases if not (Path(cache_dir)/f'{c.id}-{cache_key(c, size, CROP_MARGIN_MM, weights)}.npz').exists()]
     workers = 1 if weights else max(1, min(int(workers or os.cpu_count() or 1), len(todo)))  # the R231 network uses its own threads
     if len(todo) > 1 and workers > 1:
         from sapl.phantom import process_pool

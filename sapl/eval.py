@@ -112,6 +112,7 @@ def _nifti_ext(path: Path) -> str:
 def write_nifti(mask_zyx: np.ndarray,     # [Zo,Yo,Xo] mask on the original grid
                 vol_or_reference_path,    # a Volume (its source image) or the path of a reference NIfTI
                 path,                     # output file, .nii.gz or .nii
+                labels: bool = False,     # keep the values 0..255 (a label map) instead of binarising
                ) -> Path:
     "Write `mask_zyx` as a uint8 NIfTI with the affine and header of the source image, atomically."
     path = Path(path)
@@ -129,11 +130,13 @@ def write_nifti(mask_zyx: np.ndarray,     # [Zo,Yo,Xo] mask on the original grid
     else: raise FileNotFoundError(f"{src}: reference NIfTI not found")
     arr = np.asarray(mask_zyx)
     if arr.shape != ref_shape: raise ValueError(f"mask shape {arr.shape} does not match the reference (z, y, x) shape {ref_shape}")
-    arr = np.ascontiguousarray((arr > 0).astype(np.uint8).transpose(2, 1, 0))
+    if labels and (arr.min() < 0 or arr.max() > 255 or not np.array_equal(arr, np.round(arr))):
+        raise ValueError(f"{path}: a label map needs integer values in 0..255")
+    arr = np.ascontiguousarray((arr if labels else arr > 0).astype(np.uint8).transpose(2, 1, 0))
     out = klass(arr, affine, header=hdr)
     out.set_data_dtype(np.uint8)
     out.header.set_slope_inter(1., 0.)
-    out.header['cal_min'], out.header['cal_max'] = 0, 1
+    out.header['cal_min'], out.header['cal_max'] = 0, max(1, int(arr.max()))
     with atomic_path(path, suffix=_nifti_ext(path)) as tmp: nib.save(out, str(tmp))
     return path
 

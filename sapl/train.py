@@ -19,7 +19,7 @@ from .parallel import has_batchnorm, sync_batchnorm, data_parallel, resolve_amp,
 # %% auto #0
 __all__ = ['VARIANTS', 'METHODS', 'RunConfig', 'seed_everything', 'rng_state', 'set_rng_state', 'save_checkpoint',
            'load_checkpoint', 'config_defaults', 'git_sha', 'poly_lr', 'register', 'Method', 'Full', 'get_method',
-           'Trainer', 'run', 'evaluate_run', 'main']
+           'predict_meta', 'Trainer', 'run', 'evaluate_run', 'main']
 
 # %% ../nbs/01a_train.ipynb #3cf064d9
 @dataclass(frozen=True)
@@ -177,6 +177,16 @@ def get_method(cfg: RunConfig) -> Method:
     if cfg.method not in METHODS: raise ValueError(f"unknown method {cfg.method!r}; choose one of {sorted(METHODS)}")
     return METHODS[cfg.method](cfg)
 
+# %% ../nbs/01a_train.ipynb #016e9fc5
+def predict_meta(cfg: RunConfig) -> dict:
+    "The metadata a checkpoint of `cfg` carries for prediction on new CTs (stored under `checkpoint()['predict']`)."
+    from sapl.data import HU_WINDOW, CROP_MARGIN_MM
+    p = cfg.prof
+    return {'version': 1, 'profile': p.name, 'size': p.size, 'widths': list(p.widths), 'margin_mm': float(CROP_MARGIN_MM),
+            'hu_window': [float(h) for h in HU_WINDOW], 'threshold': 0.5, 'method': cfg.method,
+            'n_models': int(getattr(METHODS.get(cfg.method), 'n_models', 1)), 'predict_model': 0,
+            'config': json.loads(json.dumps(asdict(cfg)))}
+
 # %% ../nbs/01a_train.ipynb #bc5d2990
 def _dice_np(a, b):
     s = a.sum() + b.sum()
@@ -254,7 +264,7 @@ class Trainer:
     def checkpoint(self) -> dict:
         return {'models': [m.state_dict() for m in self.models], 'optimizer': self.opt.state_dict(), 'scheduler': self.sched.state_dict(),
                 'rng': rng_state(), 'epoch': self.epoch, 'config': json.loads(json.dumps(asdict(self.cfg))), 'git_sha': git_sha(),
-                'history': self.history, 'best': self.best, 'method': self.method.state(),
+                'history': self.history, 'best': self.best, 'method': self.method.state(), 'predict': predict_meta(self.cfg),
                 **({'scaler': self.scaler.state_dict()} if getattr(self, 'scaler', None) is not None else {})}
 
     def load(self, ck: dict, weights_only_models: bool = False):
