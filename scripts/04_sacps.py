@@ -227,6 +227,35 @@ print(f"{cfg.name}: test DSC {100*s['dsc_mean']:.2f} ± {100*s['dsc_std']:.2f}, 
 df
 
 # %% [markdown]
+# What the run trains on (the Fig. 3 analogue): for a few unlabeled slices, the pseudo-labels of the two trained
+# networks (Eq. 9, red contours) and the images synthesized from them with a reference style code (Eq. 10,
+# $\hat{x}_1 = Dec(y^p_2, \mathcal{SC}_{ref})$, $\hat{x}_2 = Dec(y^p_1, \mathcal{SC}_{ref})$). CPS has no synthesizer, so
+# its figure stops at the pseudo-labels.
+
+# %%
+import io
+import numpy as np
+from matplotlib.figure import Figure
+from IPython.display import Image
+from torch.utils.data import default_collate
+m = tr.method; tr.models.eval()
+bu = default_collate([tr.unlabeled[j] for j in np.linspace(0, len(tr.unlabeled) - 1, 3).astype(int)])
+xu, lung = bu['image'].to(tr.device), bu['lung'].to(tr.device)
+with torch.no_grad():
+    y1p, y2p = (pseudo_labels(s(xu), m.o['tau']) for s in tr.models)
+    xs = cross_synthesize(m.gen, lung, y1p, y2p, m.reference(tr, xu, lung, torch.maximum(y1p, y2p))) if m.gen is not None else None
+xu, y1p, y2p, xs = xu.cpu(), y1p.cpu(), y2p.cpu(), None if xs is None else [x.cpu() for x in xs]
+cols = [('unlabeled slice', xu, None), ('$y^p_1$ (from $s_1$)', xu, y1p), ('$y^p_2$ (from $s_2$)', xu, y2p)]
+if xs is not None: cols += [(r'$\hat{x}_1$ from $y^p_2$', xs[0], y2p), (r'$\hat{x}_2$ from $y^p_1$', xs[1], y1p)]
+fig = Figure(figsize=(2*len(cols), 2.1*len(xu)), dpi=90); axs = fig.subplots(len(xu), len(cols), squeeze=False)
+for r in range(len(xu)):
+    for c, (t, im, yp) in enumerate(cols):
+        ax = axs[r, c]; ax.imshow(im[r, 0], cmap='gray', vmin=0, vmax=1); ax.set_axis_off()
+        if yp is not None and yp[r, 0].any(): ax.contour(yp[r, 0].numpy(), levels=[.5], colors='r', linewidths=.8)
+        if r == 0: ax.set_title(t, fontsize=8)
+fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png'); Image(buf.getvalue())
+
+# %% [markdown]
 # ## Speed: one SA-CPS iteration vs one CPS iteration
 #
 # Both on the same batch (B labeled + B unlabeled), forward + backward + SGD step, after a warm-up; the two methods
