@@ -70,7 +70,8 @@ docs-check: docs
 
 # JupyterLab on the project's kernel (python3 of .venv, where sapl is installed); figures inline.
 lab: install
-	env -u MPLBACKEND $(BIN)/jupyter lab --ip=127.0.0.1 --MappingKernelManager.default_kernel_name=python3 $(LAB_ARGS)
+	env -u MPLBACKEND $(BIN)/jupyter lab --ip=127.0.0.1 --MappingKernelManager.default_kernel_name=python3 \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean-cache:
 	rm -rf data/*/.cache

@@ -275,8 +275,8 @@ from IPython.display import Image; Image(filename=str(p))
 def explorer(vols, gen, pool, pool_n, predict=None):
     import ipywidgets as W
     from matplotlib.figure import Figure
-    from IPython.display import display
-    out = W.Output()
+    import io
+    img = W.Image(format='png')  # the figure as PNG bytes: shown the same with any matplotlib backend
     sl = W.IntSlider(description='slice', min=0, max=sum(len(v.z) for v in vols) - 1)
     src = W.Dropdown(description='pseudo-label', options=['ground truth', 'edited: false positives', 'edited: false negatives'] + (['model'] if predict else []))
     k = W.IntSlider(description='K', value=10, min=1, max=30)
@@ -297,9 +297,8 @@ def explorer(vols, gen, pool, pool_n, predict=None):
         for a, (im, m, t) in zip(ax, [(v.image[j], None, f'{v.id} z={int(v.z[j])}'), (v.image[j], yp, 'pseudo-label'), (xs, None, 'synthetic')]):
             a.imshow(im, cmap='gray', vmin=0, vmax=1); a.set_axis_off(); a.set_title(t, fontsize=8)
             if m is not None: a.contour(m, levels=[.5], colors='r', linewidths=.8)
-        out.clear_output(wait=True)
-        with out: display(fig)
+        buf = io.BytesIO(); fig.savefig(buf, format='png'); img.value = buf.getvalue()
     for w in (sl, src, k, sty, seedw): w.observe(draw, 'value')
-    draw(); return W.VBox([W.HBox([sl, src]), W.HBox([k, sty, seedw]), out])
+    draw(); return W.VBox([W.HBox([sl, src]), W.HBox([k, sty, seedw]), img])
 
 explorer(data.test, gen, pool, pool_n)
