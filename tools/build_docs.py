@@ -56,7 +56,8 @@ def run_notebook(p: Path, log: Path, timeout: int = 1800) -> dict:
             if 'skip-execution' not in tags: tags.append('skip-execution'); added.append(c)
     env = {**os.environ, 'IN_TEST': '1'}
     env.pop('MPLBACKEND', None)  # the kernel's inline backend puts the figures into the notebook
-    client = NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={'metadata': {'path': str(p.parent)}})
+    client = NotebookClient(nb, timeout=timeout, startup_timeout=600, kernel_name='python3',  # slow starts on a busy machine
+                            resources={'metadata': {'path': str(p.parent)}})
     try:
         with open(log, 'w') as err: client.execute(env=env, stderr=err)  # the kernel's own log lines go to `log`
     except Exception as e: raise SystemExit(f"docs: executing {p.relative_to(ROOT)} failed (kernel log: {log}):\n{str(e)[-3000:]}")
