@@ -1,6 +1,7 @@
 # sapl: two commands on a fresh machine.
 #   make demo  - install, then run the main job on the phantom and write reports/
 #   make test  - install, then run every test (notebooks + unit tests)
+#   make docs-check - build the docs site, then check it and the JupyterLab explorer in headless Chromium
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,10 +11,10 @@ export OMP_NUM_THREADS ?= 2
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo reproduce docs export clean-cache help
+.PHONY: install test demo reproduce docs docs-check lab scripts export clean-cache help
 
 help:
-	@echo "make demo | make test | make reproduce | make docs"
+	@echo "make demo | make test | make reproduce | make docs | make docs-check | make lab | make scripts"
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ install: $(STAMP)
 
 export: install
 	$(BIN)/nbdev_export
+	$(BIN)/python tools/sync_scripts.py
+
+# scripts/*.py: the notebooks as py:percent files (jupytext), for plain-text review; tests/test_scripts.py checks them.
+scripts: install
+	$(BIN)/python tools/sync_scripts.py
 
 # The library is generated from nbs/: exporting must leave the tree unchanged.
 test: install
@@ -43,9 +49,29 @@ reproduce: install
 	$(REPRO) $(ARGS)
 	$(REPRO) --table-v $(ARGS_V)
 
-docs: install
-	$(BIN)/python -m pip install -q -e ".[docs]"
+DOCS_STAMP := $(VENV)/.sapl-docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,docs]"
+	@touch $(DOCS_STAMP)
+
+# The site is built offline from the notebooks executed with the smoke profile; MathJax comes from the npm registry
+# once (build/docs/), so npm is installed from Debian when missing.
+docs: $(DOCS_STAMP)
+	@command -v npm >/dev/null || { echo "installing npm from Debian (to fetch MathJax once)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
 	$(BIN)/python tools/build_docs.py
+
+# Real-browser checks (headless Debian chromium, network blocked): the SA-CPS page, and the explorer in JupyterLab.
+CHROMIUM ?= /usr/bin/chromium
+docs-check: docs
+	@test -x $(CHROMIUM) || { echo "installing Debian's chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	SAPL_CHROMIUM=$(CHROMIUM) $(BIN)/python tools/check_docs.py
+
+# JupyterLab on the project's kernel (python3 of .venv, where sapl is installed); figures inline.
+lab: install
+	env -u MPLBACKEND $(BIN)/jupyter lab --ip=127.0.0.1 --MappingKernelManager.default_kernel_name=python3 \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 clean-cache:
 	rm -rf data/*/.cache

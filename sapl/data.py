@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #9097a076
 from __future__ import annotations
-import os, re, json, hashlib, logging, math, random
+import os, sys, re, json, hashlib, logging, math, random
 from dataclasses import dataclass, field, asdict, replace
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger('sapl')
 if not log.handlers:
-    _h = logging.StreamHandler(); _h.setFormatter(logging.Formatter('[sapl] %(message)s'))
+    _h = logging.StreamHandler(sys.__stderr__ or sys.stderr); _h.setFormatter(logging.Formatter('[sapl] %(message)s'))
     log.addHandler(_h); log.setLevel(logging.INFO)
 
 # %% auto #0
@@ -527,7 +527,7 @@ def ensure_phantom(data_dir='data/phantom', n_volumes: int = 249, seed: int = 0,
     "Generate the phantom into `data_dir` unless it is already there, with its `split.json` in the COVID249 proportions."
     from sapl.phantom import make_phantom, phantom_name
     d = resolve(data_dir)
-    if not (d/'phantom.json').exists(): print(f"phantom not found in {d}: generating {n_volumes} volumes (matrix {matrix}, seed {seed}) ...", flush=True)
+    if not (d/'phantom.json').exists(): log.info(f"phantom not found in {d}: generating {n_volumes} volumes (matrix {matrix}, seed {seed}) ...")
     make_phantom(d, n_volumes=n_volumes, seed=seed, matrix=matrix, verbose=not (d/'phantom.json').exists())
     if n_volumes >= 8:
         js = protocol_split([phantom_name(i, 'ct').split('_ct.nii')[0] for i in range(n_volumes)], seed, **covid249_shape(n_volumes))
@@ -543,7 +543,7 @@ def make_phantom_mosmed(out_dir='data/phantom-mosmed', n_labeled: int = 6, n_unl
     d = resolve(out_dir); marker = d/'split.json'
     params = dict(n_labeled=n_labeled, n_unlabeled=n_unlabeled, n_val=n_val, n_test=n_test, seed=seed, matrix=matrix, version=1)
     if marker.exists() and json.loads(marker.read_text()).get('params') == params: return d
-    print(f"MosMedData-like phantom not found in {d}: generating {n_labeled + n_unlabeled + n_val + n_test} volumes ...", flush=True)
+    log.info(f"MosMedData-like phantom not found in {d}: generating {n_labeled + n_unlabeled + n_val + n_test} volumes ...")
     parts = {'train_l': n_labeled, 'train_u': n_unlabeled, 'val': n_val, 'test': n_test}
     split, k = {p: [] for p in parts}, 0
     for part, n in parts.items():

@@ -15,7 +15,7 @@ from .data import Volume, load_nifti, atomic_path
 
 # %% auto #0
 __all__ = ['dice', 'nsd', 'predict_volume', 'to_original', 'write_nifti', 'evaluate', 'summarize', 'results_markdown',
-           'write_results', 'plot_predictions']
+           'write_results', 'plot_predictions', 't_interval', 'seed_figure']
 
 # %% ../nbs/06_eval.ipynb #ee7f9031
 def _check_pair(pred, gt) -> tuple:
@@ -243,6 +243,46 @@ def plot_predictions(vols: list,    # preprocessed Volumes with labels
             if r == 0: ax.set_title(cols[c], fontsize=9)
             if c == 0: ax.set_ylabel(f"{vols[i].id} z={int(vols[i].z[j])}", fontsize=7)
     fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
+    return path
+
+# %% ../nbs/06_eval.ipynb #9995158d
+def t_interval(x) -> tuple:
+    "(lower, upper) of the 95 % Student-t interval of the mean of x (Eq. R1); NaNs dropped, (mean, mean) for one value."
+    from scipy import stats
+    x = np.asarray(x, dtype=float); x = x[~np.isnan(x)]
+    m = float(x.mean()) if len(x) else float('nan')
+    if len(x) < 2: return m, m
+    h = float(stats.t.ppf(.975, len(x) - 1)*x.std(ddof=1)/math.sqrt(len(x)))
+    return m - h, m + h
+
+def seed_figure(per_seed: pd.DataFrame,   # one row per run: variant, ratio, seed and the metric column
+                path,                     # PNG to write
+                labels: dict|None = None,  # {variant: display name}
+                ratio: float|None = None,  # labeled ratio shown (default: the lowest present)
+                metric: str = 'dsc',       # 'dsc' | 'nsd'
+                reference: str = 'baseline') -> Path|None:
+    "Per-seed scores with mean ± Eq. R1 interval (left) and paired differences to `reference` (right), seaborn."
+    import seaborn as sns
+    from matplotlib.figure import Figure
+    d = per_seed[per_seed.ratio == (per_seed.ratio.min() if ratio is None else ratio)]
+    d = d[d[metric].notna()].assign(method=lambda t: t.variant.map(lambda v: (labels or {}).get(v, v)),
+                                    score=lambda t: 100*t[metric])
+    if d.empty: return None
+    order, name = list(dict.fromkeys(d.method)), (labels or {}).get(reference, reference)
+    ref = d[d.variant == reference].set_index('seed').score
+    p = d[d.variant != reference].assign(diff=lambda t: t.score - t.seed.map(ref)).dropna(subset=['diff'])
+    fig = Figure(figsize=(10, .32*len(order) + 1.5), dpi=120)
+    axs = fig.subplots(1, 2 if len(p) else 1, squeeze=False)[0]
+    pts = dict(errorbar=t_interval, linestyle='none', markers='d', markersize=5, linewidth=1.2, color='k', capsize=.2, zorder=3)
+    for ax, t, x, o in [(axs[0], d, 'score', order)] + ([(axs[1], p, 'diff', [m for m in order if m in set(p.method)])] if len(p) else []):
+        sns.stripplot(t, x=x, y='method', order=o, hue='seed', palette='crest', ax=ax, size=4, alpha=.8, legend=ax is axs[0])
+        sns.pointplot(t, x=x, y='method', order=o, ax=ax, **pts)
+        ax.set_ylabel(''); ax.grid(axis='x', alpha=.3)
+    axs[0].set_xlabel(f'{metric.upper()} (%): seeds and mean ± 95 % CI')
+    if len(p): axs[1].axvline(0, color='grey', lw=.8); axs[1].set_xlabel(f'{metric.upper()} − {name} (points, same seed)')
+    fig.suptitle(f"{int(d.seed.nunique())} seeds, {d.ratio.iloc[0]:.0%} labeled", fontsize=9); fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp: fig.savefig(tmp, format='png')
     return path

@@ -57,7 +57,7 @@ class SAST(Method):
 
     def teacher(self, tr) -> Trainer:
         tc = self.cfg.variant(self.o['teacher'])  # same data, profile, schedule, seed and out_dir
-        if not (tc.run_dir/'last.pt').exists(): print(f"teacher {tc.name} not found in {tc.run_dir}: training it first ...", flush=True)
+        if not (tc.run_dir/'last.pt').exists(): log.info(f"teacher {tc.name} not found in {tc.run_dir}: training it first ...")
         return run(tc, data=tr.data, progress=tr.progress)
 
     def setup(self, tr):

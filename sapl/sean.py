@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.data import DataLoader, Dataset
 from .train import rng_state, set_rng_state, save_checkpoint, load_checkpoint
-from .data import atomic_path
+from .data import atomic_path, log
 
 # %% auto #0
 __all__ = ['SEAN_PROFILES', 'VGG_WEIGHTS', 'SeanConfig', 'semantic_mask', 'one_hot_mask', 'region_mean', 'StyleEncoder',
@@ -425,7 +425,7 @@ def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
         G.load_state_dict(st['G']); D.load_state_dict(st['D'])
         optG.load_state_dict(st['optG']); optD.load_state_dict(st['optD'])
         set_rng_state(st['rng']); start, history = st['epoch'], list(st['history'])
-        if verbose: print(f"resuming {ckpt} at epoch {start}/{epochs}")
+        if verbose: log.info(f"SEAN: resuming {ckpt} at epoch {start}/{epochs}")
     n = len(labeled_dataset)
     if n == 0: raise ValueError("train_sean needs at least one labeled slice")
     for epoch in range(start, epochs):
@@ -445,7 +445,7 @@ def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
                      'rng': rng_state(), 'epoch': epoch + 1, 'seed': seed, 'config': config_dict(cfg),
                      'history': history})
         _write_csv(history, out / 'log.csv')
-        if verbose: print(' '.join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
+        if verbose: log.info('SEAN ' + ' '.join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
     return G.eval()
 
 # %% ../nbs/02_sean.ipynb #983ca317

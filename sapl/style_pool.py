@@ -30,7 +30,7 @@ def ensure_sean(labeled: list, # labeled Volumes of the split
     ck = d/'last.pt'
     done = ck.exists() and torch.load(ck, map_location='cpu', weights_only=True)['epoch'] >= n_ep
     if not done:
-        print(f"synthesizer for {dataset}/{profile}/r{ratio:g} not found in {d}: training SEAN ({n_ep} epochs) ...", flush=True)
+        log.info(f"synthesizer for {dataset}/{profile}/r{ratio:g} not found in {d}: training SEAN ({n_ep} epochs) ...")
         return train_sean(cfg, LabeledSlices(labeled, augment=True, seed=seed), d, seed=seed, epochs=n_ep, device=device, verbose=verbose)
     return load_sean(ck, device)
 

@@ -337,7 +337,7 @@ class Trainer:
                 self.best = val; save_checkpoint(self.run_dir/'best.pt', self.checkpoint())
             save_checkpoint(self.run_dir/'last.pt', self.checkpoint())
             self._log_csv()
-            if self.progress: print(f"{cfg.name} epoch {self.epoch}/{cfg.n_epochs} loss {row['loss']:.4f} val DSC {val:.4f} ({row['seconds']:.1f}s)", flush=True)
+            if self.progress: log.info(f"{cfg.name} epoch {self.epoch}/{cfg.n_epochs} loss {row['loss']:.4f} val DSC {val:.4f} ({row['seconds']:.1f}s)")
         return self.load_selected()
 
     def load_selected(self) -> 'Trainer':

@@ -81,10 +81,10 @@ def test_pseudo_labels_threshold():
     assert pseudo_labels(z).flatten().tolist() == [0., 0., 1., 1.]
 
 
-def test_sast_builds_teacher_pseudo_and_synthetic_sets(out, capsys):
+def test_sast_builds_teacher_pseudo_and_synthetic_sets(out, capfd):
     data = bundle()
     tr = run(cfg(out, 'sast'), data, progress=False)
-    assert 'training it first' in capsys.readouterr().out          # teacher (baseline) was missing
+    assert 'training it first' in capfd.readouterr().err          # teacher (baseline) was missing
     m = tr.method
     assert len(m.pseudo_ds) == len(m.synth_ds) == sum(len(v.z) for v in data.train_u)
     for p, s in zip(m.pseudo, m.synth):

@@ -1,0 +1,340 @@
+# %% [markdown]
+# # SA-CPS: synthesis-assisted cross pseudo supervision
+#
+# > §III-C, Eq. 4-14, Fig. 3: two U-Nets supervise each other with pseudo-labels and with images synthesized to
+# > match those pseudo-labels. CPS is the same method with the synthetic term switched off (Table II).
+
+# %%
+#| default_exp sacps
+
+# %%
+#| hide
+from fastcore.test import test_eq, test_close, test_fail
+
+# %%
+#| export
+from __future__ import annotations
+from contextlib import contextmanager
+from pathlib import Path
+import torch
+from sapl.unet import l_seg, l_sup
+from sapl.train import Method, register, VARIANTS
+from sapl.style_pool import StylePool, ensure_sean, sean_dir, sample_reference, synthesize_pseudo, self_style
+
+
+# %% [markdown]
+# ## The two networks (Eq. 4)
+#
+# $$p_1 = f_{s1}(x), \quad p_2 = f_{s2}(x) \tag{4}$$
+#
+# $s_1$ and $s_2$ are U-Nets of one architecture with different initial weights (`Trainer.new_unet(i)` seeds network
+# $i$ differently). Each iteration sees $B$ labeled slices $(x^l, y)$ and $B$ unlabeled slices $x^u$.
+#
+# ## Pseudo-labels (Eq. 9)
+#
+# $$y_1^p = \mathbb{1}(f_{s1}(x^u) \ge \tau), \quad y_2^p = \mathbb{1}(f_{s2}(x^u) \ge \tau) \tag{9}$$
+#
+# with $\tau = 0.5$ on the probabilities, without gradient. As in CPS, the pseudo-labels come from the detached
+# outputs of the same forward pass that is trained on (networks in training mode, so one pass per network
+# instead of two).
+
+# %%
+#| export
+def pseudo_labels(z: torch.Tensor, # [B,1,H,W] logits
+                  tau: float = 0.5) -> torch.Tensor: # [B,1,H,W] {0,1}, no gradient
+    "Binarised prediction 1(sigmoid(z) >= tau) without gradient (Eq. 9)."
+    return (torch.sigmoid(z.detach()) >= tau).float()
+
+
+# %%
+test_eq(pseudo_labels(torch.tensor([[[[-1., 0., 2.]]]])).tolist(), [[[[0., 1., 1.]]]])
+assert not pseudo_labels(torch.zeros(1, 1, 1, 1, requires_grad=True)).requires_grad
+
+
+# %% [markdown]
+# ## Cross synthesis (Eq. 10)
+#
+# $$\hat{x}_1 = Dec(y_2^p, \mathcal{SC}_{ref}), \quad \hat{x}_2 = Dec(y_1^p, \mathcal{SC}_{ref}) \tag{10}$$
+#
+# $\mathcal{SC}_{ref}$ is drawn once per iteration from the style pool (Eq. 2). Both synthetic batches come from one
+# decoder call on the $2B$ layouts (lungs of $x^u$ with the pseudo-infection painted in, Eq. 3); the synthesizer is
+# frozen. The synthetic image meant for $s_1$ carries the pseudo-label of $s_2$ and vice versa.
+
+# %%
+#| export
+def cross_synthesize(gen, lung: torch.Tensor, # [B,H,W] lungs of the unlabeled batch
+                     y1p: torch.Tensor, y2p: torch.Tensor, # [B,1,H,W] pseudo-labels of s1, s2
+                     style: torch.Tensor,     # [1,s,d] SC_ref, or [B,s,d] per-image codes (Self Style)
+                    ) -> tuple:               # (x̂1, x̂2), each [B,1,H,W]
+    "x̂1 = Dec(y2p, SC_ref), x̂2 = Dec(y1p, SC_ref) in one batched call (Eq. 10)."
+    B = len(lung)
+    st = style if style.shape[0] == 1 else torch.cat([style, style])
+    x = synthesize_pseudo(gen, torch.cat([lung, lung]), torch.cat([y2p, y1p]), st)
+    return x[:B], x[B:]
+
+
+# %% [markdown]
+# ## Losses (Eq. 5, 11-14)
+#
+# $$\mathcal{L}_s = \mathcal{L}_{Seg}(f_{s1}(x^l), y) + \mathcal{L}_{Seg}(f_{s2}(x^l), y) \tag{5}$$
+#
+# $$\mathcal{L}_{pseudo} = \mathcal{L}_{Seg}(f_{s1}(x^u), y_2^p) + \mathcal{L}_{Seg}(f_{s2}(x^u), y_1^p) \tag{11}$$
+#
+# $$\mathcal{L}_{synthetic} = \mathcal{L}_{Seg}(f_{s1}(\hat{x}_1), y_2^p) + \mathcal{L}_{Seg}(f_{s2}(\hat{x}_2), y_1^p) \tag{12}$$
+#
+# $$\mathcal{L}_u = \mathcal{L}_{pseudo} + \mathcal{L}_{synthetic} \tag{13}$$
+#
+# $$\mathcal{L}_{SA\text{-}CPS} = \mathcal{L}_s + \lambda \cdot \mathcal{L}_u, \quad \lambda = 0.5 \tag{14}$$
+#
+# $\mathcal{L}_{Seg}$ is BCE + Dice (Eq. 6-8, `sapl.unet`). For the Table II ablation each term of $\mathcal{L}_u$ can be
+# switched off: pseudo only is CPS, synthetic only, or both (SA-CPS).
+
+# %%
+#| export
+def l_pseudo(z1u, z2u, y1p, y2p) -> torch.Tensor:
+    "Cross pseudo supervision on unlabeled images (Eq. 11)."
+    return l_seg(z1u, y2p) + l_seg(z2u, y1p)
+
+def l_synthetic(z1s, z2s, y1p, y2p) -> torch.Tensor:
+    "Supervision on the synthetic images: s1 sees x̂1 with y2p, s2 sees x̂2 with y1p (Eq. 12)."
+    return l_seg(z1s, y2p) + l_seg(z2s, y1p)
+
+def l_unsup(lp, ls, use_pseudo: bool = True, use_synthetic: bool = True) -> torch.Tensor:
+    "L_u = L_pseudo + L_synthetic with ablation switches (Eq. 13)."
+    return (lp if use_pseudo else 0.)*1 + (ls if use_synthetic else 0.)*1
+
+def l_sacps(l_s, l_u, lam: float = 0.5) -> torch.Tensor:
+    "Total SA-CPS loss L_s + λ L_u (Eq. 14)."
+    return l_s + lam*l_u
+
+
+# %%
+_z, _y = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+test_close(l_pseudo(_z, _z, _y, _y), 2*l_seg(_z, _y)); test_close(l_sacps(torch.tensor(1.), torch.tensor(2.)), 2.)
+test_eq(l_unsup(torch.tensor(1.), torch.tensor(3.), use_pseudo=False), torch.tensor(3.))
+
+
+# %% [markdown]
+# ## The synthesizer of a run and its reference style (shared)
+#
+# Everything a method needs before it can synthesize: the trained synthesizer of the split (`ensure_sean`: loaded,
+# or trained first when missing; frozen), the style pool of option `style` (Eq. 1: `'pos'` = Pool (N+), `'all'` =
+# Pool (N)), and per iteration $t$ the reference code
+#
+# $$\mathcal{SC}_{ref}(t) = \frac{1}{K}\sum_{k=1}^{K}\mathcal{SC}_{i_k(t)} \quad\text{(region-wise, Eq. 2)},\qquad
+# \{i_1(t), \dots, i_K(t)\} \sim \mathcal{G}(\text{seed}\cdot 1\,000\,003 + t)$$
+#
+# with $\mathcal{G}(s)$ a generator seeded by $s$, so a resumed run draws the same codes as an uninterrupted one.
+# With `style='self'` the code of each unlabeled image under its own pseudo-label is used instead (Self Style, Fig. 8).
+# SA-CPS below and the synthesis plug-in of `sapl.modern` (any pseudo-label method) both use this one mixin. Runs
+# that start at the same time on the same split wait for each other (a file lock on the synthesizer folder), so
+# the synthesizer is trained once.
+
+# %%
+#| export
+@contextmanager
+def sean_lock(d: Path):
+    "Exclusive lock on a synthesizer folder while it is trained or loaded (no-op where `fcntl` is missing)."
+    d.mkdir(parents=True, exist_ok=True)
+    try: import fcntl
+    except ImportError: yield; return
+    with open(d/'.lock', 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+class SynthesisSetup:
+    "Mixin of a `Method` with options `style`, `K`, `sean_seed`: the split's synthesizer, its style pool, SC_ref per iteration."
+    def setup_synthesis(self, tr):
+        "Load (or first train) the split's synthesizer, frozen, and build the style pool of option `style`."
+        c = self.cfg
+        with sean_lock(sean_dir(c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'])):
+            self.gen = ensure_sean(tr.data.train_l, c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'], device=c.device,
+                                   verbose=tr.progress).to(tr.device).eval().requires_grad_(False)
+        self.pool = None if self.o['style'] == 'self' else StylePool.build(self.gen, tr.data.train_l, kind=self.o['style'])
+
+    def reference(self, tr, xu, lung, yp) -> torch.Tensor:
+        "SC_ref of this iteration ([1,s,d], Eq. 2), or the Self Style codes of `xu` under `yp` ([B,s,d])."
+        if self.o['style'] == 'self': return self_style(self.gen, xu, lung, yp)
+        g = torch.Generator().manual_seed(self.cfg.seed*1_000_003 + tr.sched.last_epoch)
+        sc, self.last_draw = sample_reference(self.pool, self.o['K'], g)
+        return sc
+
+
+# %%
+import tempfile
+with tempfile.TemporaryDirectory() as _d:
+    with sean_lock(Path(_d)/'s0'): test_eq((Path(_d)/'s0'/'.lock').exists(), True)
+
+
+# %% [markdown]
+# ## The method on the shared trainer
+#
+# Options (`RunConfig.opts`): `pseudo` / `synthetic` (loss switches), `lam` (λ, 0.5), `tau` (τ, 0.5), `K` (10), `style`
+# (`'pos'` = Pool (N+), `'all'` = Pool (N), `'self'` = Self Style), `sean_seed` (0). `cps` is registered as the same class
+# with the synthetic term off, so CPS and SA-CPS share every line but Eq. 12. **Evaluation uses $s_1$** for every table
+# (fixed; the two networks end within noise of each other). The reference code of each iteration is drawn from a
+# generator seeded by (seed, iteration), so a resumed run draws the same codes; the last drawn indices are kept in
+# `last_draw`.
+
+# %%
+#| export
+@register
+class SACPS(SynthesisSetup, Method):
+    name = 'sacps'
+    n_models = 2
+    unlabeled = True
+    defaults = dict(pseudo=True, synthetic=True, lam=0.5, tau=0.5, K=10, style='pos', sean_seed=0)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if not (self.o['pseudo'] or self.o['synthetic']): raise ValueError("at least one of pseudo/synthetic must be on")
+        if self.o['style'] not in ('pos', 'all', 'self'): raise ValueError(f"style must be 'pos', 'all' or 'self', got {self.o['style']!r}")
+        self.gen = self.pool = None; self.last_draw = None
+
+    def setup(self, tr):
+        if self.o['synthetic']: self.setup_synthesis(tr)
+
+    def train_step(self, tr, bl, bu):
+        s1, s2 = tr.models[0], tr.models[1]; o = self.o
+        xl, y, xu = bl['image'], bl['label'], bu['image']
+        B = len(xl)
+        z1, z2 = s1(torch.cat([xl, xu])), s2(torch.cat([xl, xu]))                      # Eq. 4
+        ls = l_sup([z1[:B], z2[:B]], y)                                                # Eq. 5
+        y1p, y2p = pseudo_labels(z1[B:], o['tau']), pseudo_labels(z2[B:], o['tau'])   # Eq. 9
+        out = {'l_s': ls}
+        lp = l_pseudo(z1[B:], z2[B:], y1p, y2p) if o['pseudo'] else torch.zeros(())   # Eq. 11
+        if o['synthetic']:
+            sc = self.reference(tr, xu, bu['lung'], torch.maximum(y1p, y2p))
+            x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc)              # Eq. 10
+            lsyn = l_synthetic(s1(x1), s2(x2), y1p, y2p)                              # Eq. 12
+        else: lsyn = torch.zeros(())
+        lu = l_unsup(lp, lsyn, o['pseudo'], o['synthetic'])                           # Eq. 13
+        out.update(l_pseudo=lp, l_synthetic=lsyn, loss=l_sacps(ls, lu, o['lam']))      # Eq. 14
+        return out
+
+@register
+class CPS(SACPS):
+    "Cross pseudo supervision (Chen et al. 2021): SA-CPS without the synthetic term."
+    name = 'cps'
+    defaults = {**SACPS.defaults, 'synthetic': False}
+
+
+# %% [markdown]
+# Named variants: Table II (`cps` = pseudo only, `sacps-synth` = synthetic only, `sacps` = both) and Fig. 8 (style
+# source of SA-CPS: `sacps-self` Self Style, `sacps-pooln` Pool (N), `sacps` Pool (N+)).
+
+# %%
+#| export
+VARIANTS.update({'cps': ('cps', {}), 'sacps': ('sacps', {}), 'sacps-synth': ('sacps', {'pseudo': False}),
+                 'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'})})
+
+# %% [markdown]
+# ## Run
+#
+# `papermill nbs/04_sacps.ipynb out.ipynb -p ratio 0.2 -p variant sacps` trains one variant (building the phantom, the
+# synthesizer of the split and anything else missing), evaluates it on the test volumes and stores the per-volume
+# table in its run folder (`test.csv`), where `make reproduce` collects it.
+
+# %% tags=["parameters"]
+dataset = 'phantom'
+data_dir = 'data/phantom'
+ratio = 0.1
+profile = 'quick'
+epochs = None
+seed = 0
+split_dir = None
+out_dir = 'runs'
+device = 'cpu'
+variant = 'sacps'          # 'sacps' | 'cps' | 'sacps-synth' | 'sacps-self' | 'sacps-pooln'
+benchmark = True           # time SA-CPS vs CPS iterations
+
+# %%
+import os, tempfile
+from sapl.data import prepare_data
+from sapl.train import RunConfig, run, evaluate_run
+from sapl.eval import summarize
+
+IN_TEST = bool(os.environ.get('IN_TEST'))
+cfg = RunConfig(dataset=dataset, data_dir=data_dir, ratio=ratio, profile=profile, epochs=epochs, seed=seed,
+                split_dir=split_dir, out_dir=out_dir, device=device).variant(variant)
+if IN_TEST: cfg = cfg.smoke(out_dir=tempfile.mkdtemp())
+cfg
+
+# %%
+data = prepare_data(cfg.dataset, cfg.data_dir, cfg.ratio, cfg.profile, cfg.split_seed, cfg.split_dir)
+print(data.summary())
+tr = run(cfg, data)
+df = evaluate_run(tr, data)
+s = summarize(df)
+print(f"{cfg.name}: test DSC {100*s['dsc_mean']:.2f} ± {100*s['dsc_std']:.2f}, NSD {100*s['nsd_mean']:.2f} ± {100*s['nsd_std']:.2f} "
+      f"over {s['n']} volumes ({s['dsc_nan']} NaN)")
+df
+
+# %% [markdown]
+# What the run trains on (the Fig. 3 analogue): for a few unlabeled slices, the pseudo-labels of the two trained
+# networks (Eq. 9, red contours) and the images synthesized from them with a reference style code (Eq. 10,
+# $\hat{x}_1 = Dec(y^p_2, \mathcal{SC}_{ref})$, $\hat{x}_2 = Dec(y^p_1, \mathcal{SC}_{ref})$). CPS has no synthesizer, so
+# its figure stops at the pseudo-labels.
+
+# %%
+import io
+import numpy as np
+from matplotlib.figure import Figure
+from IPython.display import Image
+from torch.utils.data import default_collate
+m = tr.method; tr.models.eval()
+bu = default_collate([tr.unlabeled[j] for j in np.linspace(0, len(tr.unlabeled) - 1, 3).astype(int)])
+xu, lung = bu['image'].to(tr.device), bu['lung'].to(tr.device)
+with torch.no_grad():
+    y1p, y2p = (pseudo_labels(s(xu), m.o['tau']) for s in tr.models)
+    xs = cross_synthesize(m.gen, lung, y1p, y2p, m.reference(tr, xu, lung, torch.maximum(y1p, y2p))) if m.gen is not None else None
+xu, y1p, y2p, xs = xu.cpu(), y1p.cpu(), y2p.cpu(), None if xs is None else [x.cpu() for x in xs]
+cols = [('unlabeled slice', xu, None), ('$y^p_1$ (from $s_1$)', xu, y1p), ('$y^p_2$ (from $s_2$)', xu, y2p)]
+if xs is not None: cols += [(r'$\hat{x}_1$ from $y^p_2$', xs[0], y2p), (r'$\hat{x}_2$ from $y^p_1$', xs[1], y1p)]
+fig = Figure(figsize=(2*len(cols), 2.1*len(xu)), dpi=90); axs = fig.subplots(len(xu), len(cols), squeeze=False)
+for r in range(len(xu)):
+    for c, (t, im, yp) in enumerate(cols):
+        ax = axs[r, c]; ax.imshow(im[r, 0], cmap='gray', vmin=0, vmax=1); ax.set_axis_off()
+        if yp is not None and yp[r, 0].any(): ax.contour(yp[r, 0].numpy(), levels=[.5], colors='r', linewidths=.8)
+        if r == 0: ax.set_title(t, fontsize=8)
+fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png'); Image(buf.getvalue())
+
+# %% [markdown]
+# ## Speed: one SA-CPS iteration vs one CPS iteration
+#
+# Both on the same batch (B labeled + B unlabeled), forward + backward + SGD step, after a warm-up; the two methods
+# alternate iteration by iteration and the medians are compared, so a change of machine load affects both alike. Then a
+# profile of where an SA-CPS iteration spends its time. Printed numbers, not a test.
+
+# %%
+import time, torch
+from sapl.train import Trainer, get_method
+from sapl.sacps import SACPS, CPS
+
+def step(trainer, bl, bu):
+    trainer.opt.zero_grad(); trainer.method.train_step(trainer, bl, bu)['loss'].backward(); trainer.opt.step()
+
+def time_iterations(trainers: dict, bl, bu, n=10) -> dict:
+    "Median seconds per iteration of each trainer, measured alternately on the same batch."
+    import statistics
+    for _ in range(2):
+        for t in trainers.values(): step(t, bl, bu)
+    times = {k: [] for k in trainers}
+    for _ in range(n):
+        for k, t in trainers.items():
+            t0 = time.perf_counter(); step(t, bl, bu); times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+if benchmark:
+    n_rep = 2 if IN_TEST else 20
+    t_sa = Trainer(cfg.variant('sacps'), data, progress=False); t_cps = Trainer(cfg.variant('cps'), data, progress=False)
+    bl, bu = t_sa.next_batch('labeled', t_sa.labeled), t_sa.next_batch('unlabeled', t_sa.unlabeled)
+    med = time_iterations({'sacps': t_sa, 'cps': t_cps}, bl, bu, n_rep); s_sa, s_cps = med['sacps'], med['cps']
+    print(f"{cfg.profile} profile, batch {len(bl['image'])}+{len(bu['image'])}, {torch.get_num_threads()} threads: "
+          f"SA-CPS {1000*s_sa:.1f} ms/iter, CPS {1000*s_cps:.1f} ms/iter, ratio {s_sa/s_cps:.2f}x")
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.profiler.record_function('sacps_iteration'):
+            t_sa.opt.zero_grad(); t_sa.method.train_step(t_sa, bl, bu)['loss'].backward()
+    print(prof.key_averages().table(sort_by='cpu_time_total', row_limit=12))
