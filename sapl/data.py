@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #9097a076
 from __future__ import annotations
-import os, sys, re, json, hashlib, logging, math, random
+import os, sys, re, json, hashlib, logging, math, random, functools
 from dataclasses import dataclass, field, asdict, replace
 from contextlib import contextmanager
 from pathlib import Path
@@ -374,8 +374,9 @@ CACHE_VERSION = 3
 _PREPROCESS_CODE = ('preprocess_case', 'preprocess_array', 'load_nifti', 'check_pair', 'window', 'lung_masks', 'classical_lung_masks', '_to_lps',
                     '_close2d', '_fill2d', '_largest', 'lung_box', 'crop_resize')
 
+@functools.lru_cache(maxsize=None)
 def preprocess_fingerprint() -> str:
-    "Hash of the source code that turns a CT into a cached volume: editing any of it invalidates the cache."
+    "Hash of the source code that turns a CT into a cached volume (as loaded): editing any of it invalidates the cache."
     import inspect, sapl.data as m
     try: text = ''.join(inspect.getsource(getattr(m, f)) for f in _PREPROCESS_CODE)
     except (OSError, TypeError, AttributeError): text = 'source unavailable'
