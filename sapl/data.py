@@ -20,17 +20,15 @@ if not log.handlers:
     _h = logging.StreamHandler(sys.__stderr__ or sys.stderr); _h.setFormatter(logging.Formatter('[sapl] %(message)s'))
     log.addHandler(_h); log.setLevel(logging.INFO)
 
-from .lungs import (lung_masks, classical_lung_masks, check_lungs, lung_route, lungs_fingerprint,  # re-exported
-                        _to_lps, _close2d, _fill2d, _largest)
-
 # %% auto #0
 __all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION', 'CROP_MARGIN_MM', 'DATASETS',
            'MOSMED_TRAIN_BANDS', 'MOSMED_TEST_BANDS', 'project_root', 'resolve', 'Profile', 'get_profile', 'DataError',
            'load_nifti', 'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split', 'make_split', 'covid249_shape',
-           'protocol_split', 'read_split_list', 'paper_split', 'window', 'Volume', 'semantic', 'lung_box',
-           'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path', 'atomic_save_npz', 'preprocess_array',
-           'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet', 'LabeledSlices', 'UnlabeledSlices', 'DataBundle',
-           'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all', 'prepare_data']
+           'protocol_split', 'read_split_list', 'paper_split', 'window', 'classical_lung_masks', 'lung_masks', 'Volume',
+           'semantic', 'lung_box', 'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path',
+           'atomic_save_npz', 'preprocess_array', 'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet',
+           'LabeledSlices', 'UnlabeledSlices', 'DataBundle', 'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all',
+           'prepare_data']
 
 # %% ../nbs/00_data.ipynb #e6e9f4e2
 def project_root() -> Path:
@@ -232,6 +230,104 @@ def window(hu: np.ndarray, lo: float = HU_WINDOW[0], hi: float = HU_WINDOW[1]) -
     "Clip HU to [lo, hi] and scale to [0, 1]."
     return ((np.clip(hu, lo, hi) - lo)/(hi - lo)).astype(np.float32)
 
+# %% ../nbs/00_data.ipynb #c086a49f
+def _to_lps(arr_zyx, affine):
+    "Reorient a (z,y,x) array to LPS; returns (array, inverse function)."
+    if affine is None: return arr_zyx, (lambda a: a)
+    src = nib.orientations.io_orientation(affine)
+    tgt = nib.orientations.axcodes2ornt(('L', 'P', 'S'))
+    fwd = nib.orientations.ornt_transform(src, tgt); inv = nib.orientations.ornt_transform(tgt, src)
+    conv = lambda a, t: nib.orientations.apply_orientation(a.transpose(2, 1, 0), t).transpose(2, 1, 0)
+    return np.ascontiguousarray(conv(arr_zyx, fwd)), (lambda a: np.ascontiguousarray(conv(a, inv)))
+
+def _close2d(m, r_mm: float, sy: float, sx: float):
+    "Slice-wise closing with a disc of radius r_mm, via Euclidean distance transforms on the mask's bounding box."
+    if not m.any(): return m.copy()
+    pad = int(np.ceil(r_mm/min(sy, sx))) + 2
+    ys, xs = np.nonzero(m.any(0))
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    sub = np.pad(m[:, y0:y1, x0:x1], ((0, 0), (pad, pad), (pad, pad)))
+    samp = (1e9, sy, sx)  # no distance across slices
+    dil = ndi.distance_transform_edt(~sub, sampling=samp) <= r_mm
+    closed = ndi.distance_transform_edt(dil, sampling=samp) > r_mm
+    out = m.copy()
+    Y, X = m.shape[1:]
+    cy0, cx0 = y0 - pad, x0 - pad
+    ty0, tx0 = max(cy0, 0), max(cx0, 0); ty1, tx1 = min(cy0 + sub.shape[1], Y), min(cx0 + sub.shape[2], X)
+    out[:, ty0:ty1, tx0:tx1] |= closed[:, ty0-cy0:ty1-cy0, tx0-cx0:tx1-cx0]
+    return out
+
+def _fill2d(m):
+    return np.stack([ndi.binary_fill_holes(s) for s in m])
+
+def _largest(m):
+    lab, n = ndi.label(m)
+    if n == 0: return m
+    return lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+
+def classical_lung_masks(hu: np.ndarray, spacing_mm) -> np.ndarray:
+    "Threshold-based lungs of an LPS-ordered (z,y,x) HU volume: 0 bg, 1 left, 2 right."
+    sz, sy, sx = spacing_mm
+    body = _fill2d(_largest(hu > -500))
+    cand = (hu < -400) & body
+    air = ndi.gaussian_filter(hu, sigma=(0, 1/sy, 1/sx)) < -950
+    air &= cand
+    lab, n = ndi.label(air)
+    if n:  # airway tree: air components reaching the top slice near the body centre
+        top = lab[-1]; ys, xs = np.nonzero(body[-1]) if body[-1].any() else (np.array([0]), np.array([0]))
+        cy, cx = ys.mean(), xs.mean(); Y, X = top.shape
+        win = top[max(0, int(cy - 25/sy)):int(cy + 25/sy), max(0, int(cx - 25/sx)):int(cx + 25/sx)]
+        ids = [i for i in np.unique(win) if i]
+        big = {i for i in ids if (lab == i).sum()*sz*sy*sx < 2.5e5}  # the airway tree is < 250 ml
+        if big: cand &= ~np.isin(lab, list(big))
+    lab, n = ndi.label(cand)
+    if n == 0: return np.zeros(hu.shape, np.uint8)
+    sizes = np.bincount(lab.ravel())[1:]
+    order = np.argsort(sizes)[::-1]
+    vox_ml = sz*sy*sx/1000
+    min_ml = max(0.05, 0.005*body.sum()*vox_ml)  # relative to the body, so thin slabs work
+    keep = [i + 1 for i in order[:2] if sizes[i]*vox_ml >= min_ml]
+    if not keep: return np.zeros(hu.shape, np.uint8)
+    mid = np.nonzero(body.any(axis=(0, 1)))[0].mean()
+    if len(keep) == 1 or sizes[keep[1]-1] < 0.15*sizes[keep[0]-1]:
+        both = np.isin(lab, keep)
+        xs = np.arange(hu.shape[2])[None, None, :]
+        parts = [both & (xs >= mid), both & (xs < mid)]
+    else:
+        parts = [lab == k for k in keep]
+        parts.sort(key=lambda p: -np.nonzero(p)[2].mean())  # larger x = patient's left (LPS)
+    out = np.zeros(hu.shape, np.uint8)
+    for value, p in zip((1, 2), parts):
+        pc = _fill2d(_close2d(p, 7., sy, sx)) & body
+        out[pc & (out == 0)] = value
+    return out
+
+def lung_masks(hu: np.ndarray, # [Z,Y,X] HU
+               spacing_mm,     # (sz, sy, sx) in the array's axis order
+               affine=None,    # NIfTI affine (nibabel x,y,z order); None: x runs toward the patient's left
+               weights=None,   # lungmask R231 weights file; default $SAPL_LUNGMASK_WEIGHTS
+              ) -> np.ndarray: # [Z,Y,X] uint8: 0 background, 1 left lung, 2 right lung
+    "Left/right lung masks: lungmask when a weights file is available, else the classical fallback."
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim != 3: raise ValueError(f"hu must be a (z, y, x) array, got shape {hu.shape}")
+    lps, back = _to_lps(hu, affine)
+    sp = spacing_mm
+    if affine is not None:  # spacing follows the axes through the reorientation
+        ornt = nib.orientations.io_orientation(affine)
+        sp_xyz = np.asarray(spacing_mm)[::-1]
+        sp = tuple(sp_xyz[np.argsort(ornt[:, 0])][::-1])
+    weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS')
+    if weights:
+        if not Path(weights).is_file(): raise DataError(f"{weights}: lungmask weights file not found")
+        from lungmask import LMInferer
+        log.info(f"lung masks: lungmask R231 ({weights})")
+        r231 = LMInferer(modelpath=str(weights), force_cpu=not torch.cuda.is_available(), tqdm_disable=True).apply(lps)
+        out = np.zeros_like(r231); out[r231 == 2] = 1; out[r231 == 1] = 2  # R231: 1 right, 2 left
+    else:
+        log.info("lung masks: classical fallback (no lungmask weights given)")
+        out = classical_lung_masks(lps, sp)
+    return back(out.astype(np.uint8))
+
 # %% ../nbs/00_data.ipynb #08720544
 @dataclass
 class Volume:
@@ -247,7 +343,6 @@ class Volume:
     image_path: str = ''
     label_path: str|None = None
     group: str|None = None
-    findings: list = field(default_factory=list)  # plausibility findings of the lung mask (sapl.lungs.check_lungs)
 
 def semantic(lung: np.ndarray, label: np.ndarray|None) -> np.ndarray:
     "4-class semantic mask {0 bg, 1 left, 2 right, 3 infection} as a new array (inputs untouched)."
@@ -294,7 +389,7 @@ def _stamp(p):
 def cache_key(case: Case, size: int, margin_mm: float, weights) -> str:
     "Hash of everything the preprocessed volume depends on."
     w = _stamp(weights) if weights else 'classical'
-    blob = json.dumps([CACHE_VERSION, preprocess_fingerprint(), _stamp(case.image), _stamp(case.label), size, margin_mm, w, lungs_fingerprint()], default=str)
+    blob = json.dumps([CACHE_VERSION, preprocess_fingerprint(), _stamp(case.image), _stamp(case.label), size, margin_mm, w], default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 @contextmanager
@@ -324,8 +419,7 @@ def preprocess_array(hu: np.ndarray,  # [Zo,Yo,Xo] HU
                      hu_window=HU_WINDOW, id: str = '', image_path: str = '', label_path: str|None = None, group: str|None = None,
                     ) -> tuple:       # (Volume, lungs [Zo,Yo,Xo] uint8 on the original grid)
     "Lung-mask (unless given), window, crop to the lung box and resize an array already read and checked."
-    if lung is None: lung = lung_masks(hu, spacing, affine, weights, log_route=False)
-    findings = check_lungs(lung, spacing, hu, source=image_path or id)  # logged once per volume, stored with it
+    if lung is None: lung = lung_masks(hu, spacing, affine, weights)
     keep = np.nonzero(lung.any(axis=(1, 2)))[0]
     if len(keep) == 0: raise DataError(f"{image_path or id}: no lungs found")
     box = lung_box(lung[keep], spacing, margin_mm)
@@ -333,7 +427,7 @@ def preprocess_array(hu: np.ndarray,  # [Zo,Yo,Xo] HU
     lng = np.zeros((len(keep), size, size), np.uint8)
     for v in (1, 2): lng[crop_resize((lung[keep] == v).astype(np.float32), box, size) >= .5] = v
     lab = (crop_resize(label[keep], box, size) >= .5).astype(np.uint8) if label is not None else None
-    vol = Volume(id, img.clip(0, 1).astype(np.float32), lab, lng, keep, box, hu.shape, spacing, affine, image_path, label_path, group, findings)
+    vol = Volume(id, img.clip(0, 1).astype(np.float32), lab, lng, keep, box, hu.shape, spacing, affine, image_path, label_path, group)
     return vol, lung
 
 def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = CROP_MARGIN_MM, weights=None) -> Volume:
@@ -344,8 +438,7 @@ def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = CR
     if cpath is not None and cpath.exists():
         z = np.load(cpath, allow_pickle=False)
         return Volume(case.id, z['image'], z['label'] if z['has_label'] else None, z['lung'], z['z'], tuple(z['box'].tolist()),
-                      tuple(z['shape'].tolist()), tuple(z['spacing'].tolist()), z['affine'], case.image, case.label, case.group,
-                      json.loads(str(z['findings'])) if 'findings' in z.files else [])
+                      tuple(z['shape'].tolist()), tuple(z['spacing'].tolist()), z['affine'], case.image, case.label, case.group)
     hu, spacing, affine = load_nifti(case.image)
     label = None
     if case.label:
@@ -356,8 +449,7 @@ def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = CR
     lab = vol.label
     if cpath is not None:
         atomic_save_npz(cpath, image=vol.image, label=lab if lab is not None else np.zeros(0, np.uint8), has_label=lab is not None,
-                        lung=vol.lung, z=vol.z, box=np.array(vol.box), shape=np.array(hu.shape), spacing=np.array(spacing), affine=affine,
-                        findings=json.dumps(vol.findings))
+                        lung=vol.lung, z=vol.z, box=np.array(vol.box), shape=np.array(hu.shape), spacing=np.array(spacing), affine=affine)
     return vol
 
 # %% ../nbs/00_data.ipynb #850ba840
@@ -522,7 +614,6 @@ def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float
     if missing: raise DataError(f"{data_dir}: {len(missing)} volumes of the split are missing, e.g. {missing[:3]}")
     cache_dir = resolve(cache_dir) if cache_dir else data_dir/'.cache'
     ids = [i for part in (split.train_l, split.train_u, split.val, split.test) for i in part]
-    log.info(f"lung masks: {lung_route(weights)}")  # once per data set
     vols = {}
     for i, v in zip(ids, preprocess_all([cases[i] for i in ids], prof.size, cache_dir, weights, progress=progress)):
         vols[i] = _restrict(v, split.slices[i]) if i in split.slices else v

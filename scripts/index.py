@@ -8,8 +8,7 @@
 #
 # | notebook | module | paper |
 # |---|---|---|
-# | 00 Data | `sapl.data` | §IV-A1, §IV-A3: layouts, splits, windowing, lung crop, datasets |
-# | 00b Lungs | `sapl.lungs` | §IV-A3: left/right lung masks (R231 or classical fallback), plausibility check |
+# | 00 Data | `sapl.data` | §IV-A1, §IV-A3: layouts, splits, windowing, lung masks, lung crop, datasets |
 # | 00a Phantom | `sapl.phantom` | the procedural chest-CT phantom used by default |
 # | 01 U-Net | `sapl.unet` | Eq. 5-8; Baseline and Full Supervision |
 # | 01a Trainer | `sapl.train` | §IV-A4: SGD, poly schedule, checkpoints, one loop for every method |
