@@ -10,6 +10,7 @@ STAMP := $(VENV)/.sapl-installed
 export OMP_NUM_THREADS ?= 2
 export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
+export PYTHONUTF8 := 1
 
 .PHONY: install test demo reproduce docs docs-check lab scripts export clean-cache help
 
