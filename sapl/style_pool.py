@@ -10,28 +10,41 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .data import Volume, LabeledSlices, log, resolve
-from .sean import SEAN, SEAN_PROFILES, train_sean, load_sean, synthesize, encode_style, semantic_mask
+import torch.nn as nn
+from .data import Volume, LabeledSlices, log, resolve, atomic_path, HU_WINDOW
+import hashlib, json
+from dataclasses import replace
+from .sean import SEAN, SEAN_PROFILES, SeanConfig, config_dict, train_sean, load_sean, synthesize, encode_style, semantic_mask
 
 # %% auto #0
-__all__ = ['sean_dir', 'ensure_sean', 'StylePool', 'semantic_np', 'reference_code', 'sample_reference', 'pseudo_layout',
-           'synthesize_pseudo', 'self_style', 'perturb_label']
+__all__ = ['FIDELITY_REGIONS', 'FIDELITY_COLUMNS', 'sean_tag', 'sean_dir', 'ensure_sean', 'StylePool', 'semantic_np',
+           'reference_code', 'sample_reference', 'pseudo_layout', 'synthesize_pseudo', 'self_style', 'perturb_label',
+           'fidelity_set', 'pooled_dsc', 'segmenter_gap', 'roc_auc', 'c2st_auc', 'region_wasserstein',
+           'update_fidelity_report']
 
 # %% ../nbs/03_style_pool.ipynb #6d91fb6c
-def sean_dir(out_dir, dataset: str, profile: str, ratio: float, seed: int = 0) -> Path:
-    return resolve(out_dir)/dataset/profile/f'r{ratio:g}'/'sean'/f's{seed}'
+def sean_tag(cfg: SeanConfig) -> str:
+    "Folder name of a synthesizer configuration: its name and a hash of every setting."
+    return f"{cfg.name}-{hashlib.sha1(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]}"
+
+def sean_dir(out_dir, dataset: str, profile: str, ratio: float, seed: int = 0, cfg: SeanConfig|None = None) -> Path:
+    cfg = cfg or SEAN_PROFILES[profile]
+    return resolve(out_dir)/dataset/profile/f'r{ratio:g}'/'sean'/sean_tag(cfg)/f's{seed}'
 
 def ensure_sean(labeled: list, # labeled Volumes of the split
                 out_dir, dataset: str, profile: str, ratio: float, seed: int = 0, epochs: int|None = None,
-                device='cpu', verbose: bool = True) -> SEAN:
+                device='cpu', verbose: bool = True,
+                cfg: SeanConfig|None = None, # None: the profile's synthesizer
+               ) -> SEAN:
     "The trained synthesizer of a split; trained here first when its checkpoint is missing or unfinished."
-    d = sean_dir(out_dir, dataset, profile, ratio, seed); cfg = SEAN_PROFILES[profile]
-    n_ep = cfg.epochs if epochs is None else epochs
-    ck = d/'last.pt'
-    done = ck.exists() and torch.load(ck, map_location='cpu', weights_only=True)['epoch'] >= n_ep
+    cfg = cfg or SEAN_PROFILES[profile]
+    if epochs is not None: cfg = replace(cfg, epochs=epochs)
+    d = sean_dir(out_dir, dataset, profile, ratio, seed, cfg); ck = d/'last.pt'
+    done = ck.exists() and torch.load(ck, map_location='cpu', weights_only=True)['epoch'] >= cfg.epochs
     if not done:
-        print(f"synthesizer for {dataset}/{profile}/r{ratio:g} not found in {d}: training SEAN ({n_ep} epochs) ...", flush=True)
-        return train_sean(cfg, LabeledSlices(labeled, augment=True, seed=seed), d, seed=seed, epochs=n_ep, device=device, verbose=verbose)
+        print(f"synthesizer for {dataset}/{profile}/r{ratio:g} not found in {d}: training SEAN "
+              f"({cfg.epochs} x {cfg.iters_per_epoch or 'all'} iterations) ...", flush=True)
+        return train_sean(cfg, LabeledSlices(labeled, augment=True, seed=seed), d, seed=seed, device=device, verbose=verbose)
     return load_sean(ck, device)
 
 # %% ../nbs/03_style_pool.ipynb #afdd62ca
@@ -116,3 +129,103 @@ def perturb_label(label: np.ndarray, # [H,W] {0,1}
             out[((yy - ys[k])**2 + (xx - xs[k])**2 <= rad**2) & (lung > 0)] = 1
         return out
     raise ValueError(f"kind must be 'fp', 'fn' or 'acc', got {kind!r}")
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a004
+@torch.no_grad()
+def fidelity_set(gen, pool: StylePool, vols: list, K: int = 10, seed: int = 0, noise: bool = False, batch: int = 64) -> dict:
+    "Real slices of `vols` and their synthetic twins Dec(m, SC_ref), one reference code per slice (Eq. 2-3)."
+    ds = LabeledSlices(vols)
+    x, y, lung = ds.image[:, None], ds.label[:, None], ds.lung
+    sem = semantic_mask(lung, y)
+    g = torch.Generator().manual_seed(seed)
+    sc = torch.cat([sample_reference(pool, K, g)[0] for _ in range(len(x))])
+    gn = torch.Generator().manual_seed(seed + 1) if noise else None
+    syn = torch.cat([synthesize(gen, sem[i:i+batch], sc[i:i+batch], gn).cpu() for i in range(0, len(x), batch)])
+    group = torch.cat([torch.full((len(v.z),), k) for k, v in enumerate(vols)])
+    return {'image': x, 'label': y, 'sem': sem, 'synthetic': syn, 'group': group}
+
+def pooled_dsc(pred: torch.Tensor, # [N,1,H,W] bool
+               y: torch.Tensor,    # [N,1,H,W] {0,1}
+              ) -> float:
+    "Pooled Dice over all slices (Eq. F1)."
+    y = y > 0.5
+    return float(2 * (pred & y).sum() / (pred.sum() + y.sum()).clamp_min(1))
+
+def segmenter_gap(predict, fs: dict, batch: int = 64) -> dict:
+    "DSC of a U-Net on real slices and on their synthetic twins, and the gap (Eq. F1); `predict` maps [B,1,H,W] -> probabilities."
+    p = lambda t: torch.cat([predict(t[i:i+batch]) for i in range(0, len(t), batch)]) >= 0.5
+    real, syn = pooled_dsc(p(fs['image']), fs['label']), pooled_dsc(p(fs['synthetic']), fs['label'])
+    return {'dsc_real': real, 'dsc_synthetic': syn, 'dsc_gap': real - syn}
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a006
+def roc_auc(score: np.ndarray,  # [N] classifier scores
+            label: np.ndarray,  # [N] 1 = synthetic, 0 = real
+           ) -> float:
+    "Area under the ROC curve as the Mann-Whitney statistic (Eq. F2), ties counted one half."
+    from scipy.stats import rankdata
+    score, label = np.asarray(score, float), np.asarray(label).astype(bool)
+    n1, n0 = label.sum(), (~label).sum()
+    if n1 == 0 or n0 == 0: raise ValueError("roc_auc needs both classes")
+    return float((rankdata(score)[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+def _c2st_net() -> nn.Module:
+    c = lambda i, o: [nn.Conv2d(i, o, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*c(1, 8), *c(8, 16), *c(16, 32), *c(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 1))
+
+def c2st_auc(fs: dict, seed: int = 0, iters: int = 400, batch: int = 32) -> float:
+    "Classifier two-sample test (Eq. F2): a small CNN trained on the slices of the even volumes, ROC AUC on the odd ones."
+    x = torch.cat([fs['image'], fs['synthetic']]); lab = torch.cat([torch.zeros(len(fs['image'])), torch.ones(len(fs['synthetic']))])
+    grp = torch.cat([fs['group'], fs['group']])
+    tr, te = grp % 2 == 0, grp % 2 == 1
+    if not tr.any() or not te.any(): raise ValueError("c2st_auc needs slices from at least two volumes")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed); net = _c2st_net(); opt = torch.optim.Adam(net.parameters(), 1e-3)
+        xt, yt = x[tr], lab[tr]; g = torch.Generator().manual_seed(seed)
+        for _ in range(iters):
+            i = torch.randint(len(xt), (batch,), generator=g)
+            xb = torch.where(torch.rand(batch, 1, 1, 1, generator=g) < .5, xt[i], xt[i].flip(-1))   # left-right flips
+            loss = F.binary_cross_entropy_with_logits(net(xb)[:, 0], yt[i])
+            opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad(): s = torch.cat([net(x[te][j:j+256])[:, 0] for j in range(0, int(te.sum()), 256)])
+    return roc_auc(s.numpy(), lab[te].numpy())
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a008
+FIDELITY_REGIONS = {'background': (0,), 'lungs': (1, 2), 'infection': (3,)}
+
+def region_wasserstein(fs: dict, window: tuple = HU_WINDOW, max_pixels: int = 200_000, seed: int = 0) -> dict:
+    "W1 distance in HU between real and synthetic intensities inside each region (Eq. F3); NaN for an absent region."
+    from scipy.stats import wasserstein_distance
+    r = np.random.default_rng(seed); out = {}
+    real, syn, sem = fs['image'][:, 0].numpy(), fs['synthetic'][:, 0].numpy(), fs['sem'].numpy()
+    for name, classes in FIDELITY_REGIONS.items():
+        inside = np.isin(sem, classes)
+        a, b = real[inside], syn[inside]
+        if len(a) > max_pixels: k = r.choice(len(a), max_pixels, replace=False); a, b = a[k], b[k]
+        out[f'w1_{name}_hu'] = (window[1] - window[0]) * wasserstein_distance(a, b) if len(a) else float('nan')
+    return out
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a010
+FIDELITY_COLUMNS = {'synthesizer': 'synthesizer', 'iterations': 'G iters', 'train_min': 'train min', 'dsc_real': 'DSC real',
+                    'dsc_synthetic': 'DSC synth', 'dsc_gap': 'DSC gap', 'c2st_auc': 'C2ST AUC', 'w1_background_hu': 'W1 bg (HU)',
+                    'w1_lungs_hu': 'W1 lungs (HU)', 'w1_infection_hu': 'W1 infection (HU)'}
+
+def update_fidelity_report(row: dict, path, note: str = '') -> 'pd.DataFrame':
+    "Insert or replace the row of `row['synthesizer']` in `path`.csv and rewrite the Markdown table `path` (atomically)."
+    import pandas as pd
+    path = Path(path); csv = path.with_suffix('.csv')
+    df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=list(FIDELITY_COLUMNS))
+    df = pd.concat([df[df.synthesizer != row['synthesizer']], pd.DataFrame([row])], ignore_index=True)
+    df = df[[c for c in FIDELITY_COLUMNS if c in df] + [c for c in df if c not in FIDELITY_COLUMNS]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(csv) as tmp: df.to_csv(tmp, index=False)
+    show = df[[c for c in FIDELITY_COLUMNS if c in df]].rename(columns=FIDELITY_COLUMNS)
+    head = ["# Synthesis fidelity", "", note, "",
+            "DSC: pooled Dice of a U-Net trained on the real labeled slices, on real test slices and on their synthetic "
+            "twins Dec(m, SC_ref) (gap = real - synthetic, Eq. F1). C2ST AUC: held-out ROC area of a small CNN telling real "
+            "from synthetic slices (0.5 = indistinguishable, Eq. F2). W1: Wasserstein distance of the intensities inside "
+            "each region, in HU (Eq. F3). Written by nbs/03_style_pool.ipynb.", ""]
+    fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
+    lines = ['| ' + ' | '.join(show.columns) + ' |', '|' + '---|' * show.shape[1]]
+    lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in show.itertuples(index=False)]
+    with atomic_path(path) as tmp: open(tmp, 'w').write('\n'.join(head + lines) + '\n')
+    return df
