@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from .unet import l_seg, l_sup
 from .train import Method, register, VARIANTS
+from .sean import SEAN_PROFILES
 from .style_pool import StylePool, ensure_sean, sample_reference, synthesize_pseudo, self_style
 
 # %% auto #0
@@ -52,12 +53,13 @@ class SACPS(Method):
     name = 'sacps'
     n_models = 2
     unlabeled = True
-    defaults = dict(pseudo=True, synthetic=True, lam=0.5, tau=0.5, K=10, style='pos', sean_seed=0)
+    defaults = dict(pseudo=True, synthetic=True, lam=0.5, tau=0.5, K=10, style='pos', sean_seed=0, sean=None)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         if not (self.o['pseudo'] or self.o['synthetic']): raise ValueError("at least one of pseudo/synthetic must be on")
         if self.o['style'] not in ('pos', 'all', 'self'): raise ValueError(f"style must be 'pos', 'all' or 'self', got {self.o['style']!r}")
+        if self.o['sean'] not in (None, *SEAN_PROFILES): raise ValueError(f"sean must be None or one of {sorted(SEAN_PROFILES)}, got {self.o['sean']!r}")
         self.gen = self.pool = None; self.last_draw = None
 
     def setup(self, tr):
@@ -83,6 +85,8 @@ class SACPS(Method):
         out = {'l_s': ls}
         lp = l_pseudo(z1[B:], z2[B:], y1p, y2p) if o['pseudo'] else torch.zeros(())   # Eq. 11
         if o['synthetic']:
+            if o['sean'] and self.gen.cfg.name != o['sean']:
+                raise RuntimeError(f"option sean={o['sean']!r} requested, but the synthesizer in use is {self.gen.cfg.name!r}")
             sc = self.reference(tr, xu, bu['lung'], torch.maximum(y1p, y2p))
             x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc)              # Eq. 10
             lsyn = l_synthetic(s1(x1), s2(x2), y1p, y2p)                              # Eq. 12
@@ -99,4 +103,5 @@ class CPS(SACPS):
 
 # %% ../nbs/04_sacps.ipynb #be7c3eff
 VARIANTS.update({'cps': ('cps', {}), 'sacps': ('sacps', {}), 'sacps-synth': ('sacps', {'pseudo': False}),
-                 'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'})})
+                 'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'}),
+                 **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000)}})

@@ -20,7 +20,7 @@ from .sean import SEAN, SEAN_PROFILES, SeanConfig, config_dict, train_sean, load
 __all__ = ['FIDELITY_REGIONS', 'FIDELITY_COLUMNS', 'sean_tag', 'sean_dir', 'ensure_sean', 'StylePool', 'semantic_np',
            'reference_code', 'sample_reference', 'pseudo_layout', 'synthesize_pseudo', 'self_style', 'perturb_label',
            'fidelity_set', 'pooled_dsc', 'segmenter_gap', 'roc_auc', 'c2st_auc', 'region_wasserstein',
-           'update_fidelity_report']
+           'update_fidelity_report', 'gain_vs_fidelity']
 
 # %% ../nbs/03_style_pool.ipynb #6d91fb6c
 def sean_tag(cfg: SeanConfig) -> str:
@@ -229,3 +229,39 @@ def update_fidelity_report(row: dict, path, note: str = '') -> 'pd.DataFrame':
     lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in show.itertuples(index=False)]
     with atomic_path(path) as tmp: open(tmp, 'w').write('\n'.join(head + lines) + '\n')
     return df
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a013
+def gain_vs_fidelity(per_seed: 'pd.DataFrame', # columns variant, seed, dsc (one split and ratio)
+                     levels: dict,              # {SA-CPS variant: synthesizer tag (row of the fidelity table)}
+                     fidelity: 'pd.DataFrame',  # synthesis_fidelity.csv
+                     path=None,                 # figure file (PNG); None: no figure
+                     baseline: str = 'cps', metric: str = 'dsc_gap', min_seeds: int = 5) -> 'pd.DataFrame':
+    "Paired gains over `baseline` per fidelity level with 95 % t-intervals (Eq. F4); a seaborn figure at `path`."
+    import pandas as pd
+    from scipy import stats
+    base = per_seed[per_seed.variant == baseline].groupby('seed').dsc.mean()
+    fid = fidelity.set_index('synthesizer')[metric]
+    pts = []
+    for v, tag in levels.items():
+        d = per_seed[per_seed.variant == v].groupby('seed').dsc.mean()
+        seeds = d.index.intersection(base.index)
+        if len(seeds) < min_seeds: raise ValueError(f"{v}: {len(seeds)} seeds paired with {baseline}, need >= {min_seeds}")
+        if tag not in fid.index: raise ValueError(f"{tag}: not in the fidelity table")
+        pts += [{'variant': v, 'synthesizer': tag, metric: float(fid[tag]), 'seed': int(s), 'gain': float(d[s] - base[s])} for s in seeds]
+    pts = pd.DataFrame(pts)
+    g = pts.groupby(['variant', 'synthesizer', metric]).gain
+    summ = g.agg(['count', 'mean', 'std']).reset_index()
+    half = stats.t.ppf(0.975, summ['count'] - 1) * summ['std'] / np.sqrt(summ['count'])
+    summ['ci_lo'], summ['ci_hi'] = summ['mean'] - half, summ['mean'] + half
+    if path is not None:
+        import seaborn as sns
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(5, 3.6)); ax = fig.subplots()
+        sns.stripplot(data=pts, x=metric, y='gain', hue='variant', native_scale=True, jitter=False, alpha=.5, ax=ax, legend=False)
+        ax.errorbar(summ[metric], summ['mean'], yerr=[summ['mean'] - summ.ci_lo, summ.ci_hi - summ['mean']], fmt='o', color='k', capsize=4)
+        ax.axhline(0, color='grey', lw=.8, ls='--')
+        ax.set_xlabel({'dsc_gap': 'segmenter DSC gap (real - synthetic)', 'c2st_auc': 'C2ST AUC'}.get(metric, metric))
+        ax.set_ylabel(f'DSC gain over {baseline.upper()} (paired)'); ax.set_title('gain vs synthesis fidelity', fontsize=10)
+        fig.tight_layout(); path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=120)
+    return summ
