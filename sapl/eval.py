@@ -250,12 +250,9 @@ def plot_predictions(vols: list,    # preprocessed Volumes with labels
 # %% ../nbs/06_eval.ipynb #9995158d
 def t_interval(x) -> tuple:
     "(lower, upper) of the 95 % Student-t interval of the mean of x (Eq. R1); NaNs dropped, (mean, mean) for one value."
-    from scipy import stats
-    x = np.asarray(x, dtype=float); x = x[~np.isnan(x)]
-    m = float(x.mean()) if len(x) else float('nan')
-    if len(x) < 2: return m, m
-    h = float(stats.t.ppf(.975, len(x) - 1)*x.std(ddof=1)/math.sqrt(len(x)))
-    return m - h, m + h
+    from sapl.stats import mean_ci
+    m, h = mean_ci(x)
+    return (m, m) if h != h else (m - h, m + h)
 
 def seed_figure(per_seed: pd.DataFrame,   # one row per run: variant, ratio, seed and the metric column
                 path,                     # PNG to write
