@@ -160,9 +160,10 @@ def summary_table(per_seed: pd.DataFrame, variants, ratio) -> pd.DataFrame:
 # %% ../nbs/09_reproduce.ipynb #498c5c2e
 TABLE_II = [('cps', '✓', '✓', ''), ('sacps-synth', '✓', '', '✓'), ('sacps', '✓', '✓', '✓')]
 TABLE_III = [('st', '✓', '✓', ''), ('sast-synth', '✓', '', '✓'), ('sast', '✓', '✓', '✓')]
-SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps']
+SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
 MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps']
-CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st')]  # the paper's claims: A beats B
+CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st'),  # the paper's claims: A beats B
+          ('sa-mt', 'mt'), ('sa-bcp', 'bcp'), ('sa-unimatch', 'unimatch')]  # synthesis as a plug-in
 DELTAS_II = [('sacps', 'cps'), ('sacps', 'sacps-synth')]
 DELTAS_III = [('sast', 'st'), ('sast', 'sast-synth')]
 DELTAS_FIG8 = [('sacps', 'sacps-self'), ('sacps', 'sacps-pooln')]

@@ -217,9 +217,10 @@ test_close(summary_table(_ps, ['cps'], .1).dsc[0], .615); test_close(summary_tab
 #| export
 TABLE_II = [('cps', '✓', '✓', ''), ('sacps-synth', '✓', '', '✓'), ('sacps', '✓', '✓', '✓')]
 TABLE_III = [('st', '✓', '✓', ''), ('sast-synth', '✓', '', '✓'), ('sast', '✓', '✓', '✓')]
-SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps']
+SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
 MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps']
-CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st')]  # the paper's claims: A beats B
+CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st'),  # the paper's claims: A beats B
+          ('sa-mt', 'mt'), ('sa-bcp', 'bcp'), ('sa-unimatch', 'unimatch')]  # synthesis as a plug-in
 DELTAS_II = [('sacps', 'cps'), ('sacps', 'sacps-synth')]
 DELTAS_III = [('sast', 'st'), ('sast', 'sast-synth')]
 DELTAS_FIG8 = [('sacps', 'sacps-self'), ('sacps', 'sacps-pooln')]
