@@ -582,10 +582,9 @@ def evaluate_severity(checkpoints: dict,   # {name: checkpoint path, or a list o
 # %%
 #| export
 def _t_ci(x) -> tuple:
-    from scipy import stats
-    x = np.asarray(x, np.float64); n = len(x)
-    if n < 2: return (float('nan'), float('nan'))
-    h = stats.t.ppf(.975, n - 1)*x.std(ddof=1)/math.sqrt(n); return (x.mean() - h, x.mean() + h)
+    from sapl.stats import mean_ci
+    m, h = mean_ci(x)
+    return (m - h, m + h)
 
 def _wilson(k: int, n: int, z: float = 1.959964) -> tuple:
     if n == 0: return (float('nan'), float('nan'))

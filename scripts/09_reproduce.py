@@ -353,12 +353,10 @@ def visual_comparison(common: dict, ratio: float, seed: int, path, variants=('ba
                         epochs=common.get('epochs'), seed=seed, out_dir=common['out_dir']).variant(v)
         ck = cfg.checkpoint_path
         if not ck.exists(): continue
-        from sapl.train import get_method
-        from sapl.unet import UNet
+        from sapl.predict import load_predictor
         import torch
-        nets = [UNet(cfg.prof.widths) for _ in range(get_method(cfg).n_models)]
-        for n, sd in zip(nets, load_checkpoint(ck)['models']): n.load_state_dict(sd); n.eval()
-        f = lambda x, n=nets[0]: torch.sigmoid(n(x))
+        net = load_predictor(ck).net  # the one checkpoint loader (s1 of two-network methods)
+        f = lambda x, n=net: torch.sigmoid(n(x))
         preds[BY_VARIANT[v].label] = [predict_volume(f, vol) for vol in data.test]
     if not preds: return None
     return plot_predictions(data.test, preds, path, n=4)
@@ -454,7 +452,7 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
     import torch
     from sapl.data import prepare_data, resolve, atomic_path
     from sapl.train import RunConfig, load_checkpoint
-    from sapl.unet import UNet
+    from sapl.predict import load_predictor
     from sapl.eval import evaluate
     from sapl.stats import mean_ci
     register_all(); data = prepare_data(common['dataset'], common['data_dir'], ratio, common['profile'], progress=False)
@@ -466,7 +464,7 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
             if not ((d/'test.csv').exists() and (d/'best.pt').exists()): continue
             ck = load_checkpoint(d/'best.pt')
             if not (d/'test_best.csv').exists():
-                net = UNet(cfg.prof.widths); net.load_state_dict(ck['models'][0]); net.eval()
+                net = load_predictor(d/'best.pt').net
                 df = evaluate(lambda x: torch.sigmoid(net(x)), data.test)
                 with atomic_path(d/'test_best.csv') as t: df.to_csv(t, index=False)
             rows.append(dict(variant=v, seed=s, last=pd.read_csv(d/'test.csv').dsc.mean(), best=pd.read_csv(d/'test_best.csv').dsc.mean(),
