@@ -15,10 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+class _RouteOnce(logging.Filter):
+    "Lines that name a route taken per volume (which lung masks) pass once per process, not once per volume."
+    prefixes = ('lung masks:',)
+    def __init__(self): super().__init__(); self.seen = set()
+    def filter(self, r: logging.LogRecord) -> bool:
+        m = r.getMessage()
+        if not m.startswith(self.prefixes): return True
+        if m in self.seen: return False
+        self.seen.add(m); return True
+
 log = logging.getLogger('sapl')
 if not log.handlers:
     _h = logging.StreamHandler(sys.__stderr__ or sys.stderr); _h.setFormatter(logging.Formatter('[sapl] %(message)s'))
     log.addHandler(_h); log.setLevel(logging.INFO)
+if not any(type(f).__name__ == '_RouteOnce' for f in log.filters): log.addFilter(_RouteOnce())
 
 # %% auto #0
 __all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION', 'CROP_MARGIN_MM', 'DATASETS',

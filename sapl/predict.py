@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 import torch
-from .data import DataError, load_nifti, find_cases, make_split, lung_masks, preprocess_array, window, atomic_path, resolve, log
+from .data import DataError, load_nifti, find_cases, make_split, paper_split, lung_masks, preprocess_array, window, atomic_path, resolve, log
 from .eval import predict_volume, to_original, write_nifti
 from .unet import UNet
 from .train import RunConfig, load_checkpoint, predict_meta
@@ -20,7 +20,7 @@ from .phantom import severity_band, BANDS
 __all__ = ['REPORT_COLUMNS', 'PredictError', 'CTInput', 'dicom_series', 'read_dicom', 'read_ct', 'find_inputs', 'config_hash',
            'checkpoint_meta', 'Predictor', 'load_predictor', 'load_predictors', 'ensemble_prob', 'complete_lungs',
            'measure', 'segment', 'overlay_png', 'predict_case', 'write_report', 'main', 'phantom_truth', 'cached_lungs',
-           'evaluate_severity', 'severity_summary', 'write_severity_report']
+           'test_volumes', 'evaluate_severity', 'severity_summary', 'write_severity_report']
 
 # %% ../nbs/08_predict.ipynb #0221529d
 class PredictError(ValueError):
@@ -347,6 +347,12 @@ def cached_lungs(image, hu, spacing, affine, weights=None, cache_dir=None) -> np
     with atomic_path(p) as tmp, open(tmp, 'wb') as f: np.savez_compressed(f, lung=lung)
     return lung
 
+def test_volumes(data_dir, config: dict) -> list:
+    "Test volume ids of the run a checkpoint config describes: its `split_dir`, else the data set's `split.json`, else the seeded split."
+    d = resolve(data_dir); sd = config.get('split_dir') or (d/'split.json' if (d/'split.json').exists() else None)
+    if sd: return list(paper_split(resolve(sd), config.get('ratio') or 0.1).test)
+    return list(make_split(find_cases(d), config.get('ratio') or 0.1, config.get('split_seed', 0)).test)
+
 def evaluate_severity(checkpoints: dict,   # {name: checkpoint path, or a list of paths to average}
                       data_dir=None,       # phantom folder (default: the data_dir of the first checkpoint's run)
                       weights=None,        # lungmask weights (default: classical lung masks)
@@ -358,11 +364,11 @@ def evaluate_severity(checkpoints: dict,   # {name: checkpoint path, or a list o
     groups = {k: load_predictors(_group(v)) for k, v in checkpoints.items()}
     if not groups: raise PredictError("no checkpoints to evaluate")
     cfgs = [p.meta['config'] for ps in groups.values() for p in ps]
-    seeds = {c.get('split_seed', 0) for c in cfgs}
-    if len(seeds) > 1: raise PredictError(f"the checkpoints come from different splits (split_seed {sorted(seeds)}); their test volumes differ")
     data_dir = resolve(data_dir or cfgs[0].get('data_dir') or 'data/phantom')
     truth, cases = phantom_truth(data_dir), {c.id: c for c in find_cases(data_dir)}
-    test = make_split(list(cases.values()), 0.1, seeds.pop()).test   # the test part does not depend on the ratio
+    tests = {tuple(test_volumes(data_dir, c)) for c in cfgs}   # the test part does not depend on the ratio
+    if len(tests) > 1: raise PredictError(f"the checkpoints come from different splits of {data_dir}; their test volumes differ")
+    test = list(tests.pop())
     rows = []
     for vid in tqdm(test, desc='severity', disable=not progress):
         c, t = cases[vid], truth[vid]

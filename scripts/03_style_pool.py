@@ -277,12 +277,13 @@ def explorer(vols, gen, pool, pool_n, predict=None):
     from matplotlib.figure import Figure
     import io
     img = W.Image(format='png')  # the figure as PNG bytes: shown the same with any matplotlib backend
-    sl = W.IntSlider(description='slice', min=0, max=sum(len(v.z) for v in vols) - 1)
+    index = [(i, j) for i, v in enumerate(vols) for j in range(len(v.z))]
+    most = max(range(len(index)), key=lambda n: int(vols[index[n][0]].label[index[n][1]].sum()))   # start on the most infected slice
+    sl = W.IntSlider(description='slice', min=0, max=len(index) - 1, value=most)
     src = W.Dropdown(description='pseudo-label', options=['ground truth', 'edited: false positives', 'edited: false negatives'] + (['model'] if predict else []))
     k = W.IntSlider(description='K', value=10, min=1, max=30)
     sty = W.Dropdown(description='style', options=['Pool (N+)', 'Pool (N)', 'Self Style'])
     seedw = W.IntText(description='seed', value=0)
-    index = [(i, j) for i, v in enumerate(vols) for j in range(len(v.z))]
     def draw(*_):
         i, j = index[sl.value]; v = vols[i]
         x = torch.from_numpy(v.image[j:j+1])[:, None]; lung = torch.from_numpy(v.lung[j:j+1]).long()

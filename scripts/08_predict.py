@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 import torch
-from sapl.data import DataError, load_nifti, find_cases, make_split, lung_masks, preprocess_array, window, atomic_path, resolve, log
+from sapl.data import DataError, load_nifti, find_cases, make_split, paper_split, lung_masks, preprocess_array, window, atomic_path, resolve, log
 from sapl.eval import predict_volume, to_original, write_nifti
 from sapl.unet import UNet
 from sapl.train import RunConfig, load_checkpoint, predict_meta
@@ -538,6 +538,12 @@ def cached_lungs(image, hu, spacing, affine, weights=None, cache_dir=None) -> np
     with atomic_path(p) as tmp, open(tmp, 'wb') as f: np.savez_compressed(f, lung=lung)
     return lung
 
+def test_volumes(data_dir, config: dict) -> list:
+    "Test volume ids of the run a checkpoint config describes: its `split_dir`, else the data set's `split.json`, else the seeded split."
+    d = resolve(data_dir); sd = config.get('split_dir') or (d/'split.json' if (d/'split.json').exists() else None)
+    if sd: return list(paper_split(resolve(sd), config.get('ratio') or 0.1).test)
+    return list(make_split(find_cases(d), config.get('ratio') or 0.1, config.get('split_seed', 0)).test)
+
 def evaluate_severity(checkpoints: dict,   # {name: checkpoint path, or a list of paths to average}
                       data_dir=None,       # phantom folder (default: the data_dir of the first checkpoint's run)
                       weights=None,        # lungmask weights (default: classical lung masks)
@@ -549,11 +555,11 @@ def evaluate_severity(checkpoints: dict,   # {name: checkpoint path, or a list o
     groups = {k: load_predictors(_group(v)) for k, v in checkpoints.items()}
     if not groups: raise PredictError("no checkpoints to evaluate")
     cfgs = [p.meta['config'] for ps in groups.values() for p in ps]
-    seeds = {c.get('split_seed', 0) for c in cfgs}
-    if len(seeds) > 1: raise PredictError(f"the checkpoints come from different splits (split_seed {sorted(seeds)}); their test volumes differ")
     data_dir = resolve(data_dir or cfgs[0].get('data_dir') or 'data/phantom')
     truth, cases = phantom_truth(data_dir), {c.id: c for c in find_cases(data_dir)}
-    test = make_split(list(cases.values()), 0.1, seeds.pop()).test   # the test part does not depend on the ratio
+    tests = {tuple(test_volumes(data_dir, c)) for c in cfgs}   # the test part does not depend on the ratio
+    if len(tests) > 1: raise PredictError(f"the checkpoints come from different splits of {data_dir}; their test volumes differ")
+    test = list(tests.pop())
     rows = []
     for vid in tqdm(test, desc='severity', disable=not progress):
         c, t = cases[vid], truth[vid]
@@ -573,6 +579,11 @@ def evaluate_severity(checkpoints: dict,   # {name: checkpoint path, or a list o
                        truelabel_pct=lab_r['involvement_pct'] if lab_r else np.nan)
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+# %%
+_d = Path(tempfile.mkdtemp()); (_d/'split.json').write_text(json.dumps({'train_l': ['a'], 'train_u': ['b'], 'val': ['c'], 'test': ['e', 'd']}))
+test_eq(test_volumes(_d, {'ratio': 0.1}), ['d', 'e'])   # the data set's own split, not a seeded one
 
 
 # %% [markdown]
@@ -666,7 +677,7 @@ def write_severity_report(df, path, meta: dict|None = None, targets=(3., .85)) -
 #
 # ```bash
 # .venv/bin/papermill nbs/08_predict.ipynb reports/runs/08_predict.ipynb \
-#     -p checkpoints "Baseline=runs/phantom/quick/r0.1/s0/baseline/best.pt;SA-CPS=runs/phantom/quick/r0.1/s0/sacps/best.pt"
+#     -p checkpoints "Baseline=runs/phantom/quick/r0.1/s0/baseline/last.pt;SA-CPS=runs/phantom/quick/r0.1/s0/sacps/last.pt"
 # ```
 
 # %% tags=["parameters"]
@@ -702,9 +713,9 @@ else:
     models = {}
     for m in [m.strip() for m in methods.split(',') if m.strip()]:
         c = cfg.variant(m)
-        if not (c.run_dir/'best.pt').exists() and m in train_missing.split(','):
+        if not c.checkpoint_path.exists() and m in train_missing.split(','):
             print(f"{m}: no checkpoint in {c.run_dir}: training it ...", flush=True); run(c, progress=False)
-        if (c.run_dir/'best.pt').exists(): models[NAMES.get(m, m)] = [c.run_dir/'best.pt']
+        if c.checkpoint_path.exists(): models[NAMES.get(m, m)] = [c.checkpoint_path]   # the checkpoint the tables evaluate (`select`)
         else: print(f"{m}: no checkpoint in {c.run_dir}; not evaluated")
 models
 
@@ -713,7 +724,7 @@ models
 
 # %%
 _first = next(iter(models.values()))
-_test = make_split(find_cases(resolve(data_dir)), 0.1, load_predictor(_first[0]).meta['config'].get('split_seed', 0)).test
+_test = test_volumes(data_dir, load_predictor(_first[0]).meta['config'])
 _img = str(resolve(data_dir)/f'{_test[0]}_ct.nii.gz')
 _out = Path(tempfile.mkdtemp())
 rc = main([_img, '--checkpoint', *map(str, _first), '--out', str(_out), '--overlay', '--quiet'])
@@ -731,11 +742,11 @@ display(Image(filename=str(_out/f'{_test[0]}_overlay.png'), width=700))
 # %%
 sev = evaluate_severity({k: list(map(str, v)) for k, v in models.items()}, data_dir)
 _meta = {'checkpoints': '; '.join(f"{k}: `{', '.join(os.path.relpath(p, resolve('.')) for p in v)}` (config {load_predictor(v[0]).config_hash})" for k, v in models.items()),
-         'data': f"`{os.path.relpath(resolve(data_dir), resolve('.'))}`, {sev.id.nunique()} test volumes of the split (split_seed {load_predictor(_first[0]).meta['config'].get('split_seed', 0)})",
+         'data': f"`{os.path.relpath(resolve(data_dir), resolve('.'))}`, the {sev.id.nunique()} test volumes of the runs' split",
          'profile': f"{load_predictor(_first[0]).meta['profile']} ({load_predictor(_first[0]).meta['size']} px)",
          'lung masks': 'lungmask R231' if os.environ.get('SAPL_LUNGMASK_WEIGHTS') else 'classical fallback (no lungmask weights), completed with the predicted infection (Eq. P3)',
          'git': git_sha(),
-         'regenerate': '`.venv/bin/papermill nbs/08_predict.ipynb reports/runs/08_predict.ipynb -p checkpoints "Name=path/best.pt;Other=path/best.pt"`'}
+         'regenerate': '`.venv/bin/papermill nbs/08_predict.ipynb reports/runs/08_predict.ipynb -p checkpoints "Name=path/last.pt;Other=path/last.pt"`'}
 md, png = write_severity_report(sev, resolve(report_dir)/'severity.md', _meta)
 print(md.read_text()[:3000])
 severity_summary(sev).round(2)
@@ -777,4 +788,9 @@ if bench:
     print(f"CT {_h.shape} (z, y, x) = {_h.size/1e6:.0f} M voxels, {bench_threads} torch threads, "
           f"load average {_load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {measure(_y, _l2, _s)['category']}")
     print(speed.round(1).to_string())
+    _hdr = (f"# Prediction speed: one {' x '.join(map(str, _shape[::-1]))} CT (x, y, z)\n\n- CT: {_h.size/1e6:.0f} M voxels, a phantom test volume "
+            f"resampled; first checkpoint `{os.path.relpath(_first[0], resolve('.'))}` ({_ps[0].meta['profile']} profile)\n"
+            f"- machine: {os.cpu_count()} CPUs, {bench_threads} torch threads, load average {_load0:.1f} -> {os.getloadavg()[0]:.1f} "
+            f"(wall-clock time grows with other jobs, CPU time does not)\n- git: {git_sha()}\n\n")
+    with atomic_path(resolve(report_dir)/'predict_speed.md') as tmp: tmp.write_text(_hdr + "| stage | wall s | CPU s |\n|---|---|---|\n" + "".join(f"| {k} | {r['wall s']:.1f} | {r['CPU s']:.1f} |\n" for k, r in speed.iterrows()))
     shutil.rmtree(_bd, ignore_errors=True)

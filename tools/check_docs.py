@@ -204,7 +204,7 @@ def explore(page, blocked) -> Path:
     slider = cell.locator('.widget-slider').filter(has_text='slice').first
     readout = slider.locator('.widget-readout')
     k0 = readout.inner_text().strip()
-    slider.locator('.noUi-handle').first.focus(); page.keyboard.press('End')  # keyboard on the slider handle
+    slider.locator('.noUi-handle').first.focus(); page.keyboard.press('Home')  # from the most infected slice to the first
     page.wait_for_function("([el, k]) => el.innerText.trim() !== k", arg=[readout.element_handle(), k0], timeout=30_000)
     k1 = readout.inner_text().strip()
     check(k1 != k0, f"slice slider moved {k0} -> {k1}")
