@@ -296,6 +296,8 @@ import os
 if os.environ.get('IN_TEST'):
     S, batch, measure_S, measure_batch, batch_for, methods, checks = 32, 4, 32, 2, {'mt': 1}, ['baseline', 'mt'], [['baseline', 32, 4]]
     report, out_dir = None, tempfile.mkdtemp()
+from sapl.data import resolve
+out_dir, report = resolve(out_dir), (resolve(report) if report else None)   # relative to the project, wherever papermill runs
 torch.set_num_threads(threads)
 methods = methods or registered_methods()
 print(f"{len(methods)} methods at {measure_S} px, batch {measure_batch}: {', '.join(methods)}")
