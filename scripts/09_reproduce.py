@@ -65,7 +65,7 @@ EXPERIMENTS = [
 BY_VARIANT = {e.variant: e for e in EXPERIMENTS}
 TABLE_V_RATIO = 0.05  # nominal: the MosMedData-like split fixes 6 labeled of 126 training studies
 DEMO = ('sean', 'baseline', 'full', 'cps', 'sacps')  # make demo: the paper's central comparison, SA-CPS against CPS
-DEMO_DATA = dict(data_dir='data/phantom-demo', n_volumes=80, report_dir='reports/demo', epochs=12)  # a smaller phantom, 600 iterations
+DEMO_DATA = dict(data_dir='data/phantom-demo', n_volumes=80, report_dir='reports/demo', out_dir='runs/demo', epochs=12)  # a smaller phantom, 600 iterations
 CORE = DEMO + ('st', 'sast', 'sast+sacps', 'mt', 'sacps-synth', 'sast-synth', 'sacps-self', 'sacps-pooln')
 
 # %%
@@ -532,6 +532,7 @@ def main(argv=None):
         a.ratios, a.seeds, a.variants = [0.1], [0], list(DEMO)
         if a.data_dir == 'data/phantom': a.data_dir = DEMO_DATA['data_dir']
         if a.report_dir == 'reports': a.report_dir = DEMO_DATA['report_dir']
+        if a.out_dir == 'runs': a.out_dir = DEMO_DATA['out_dir']   # its own runs and synthesizer: never the benchmark's folders
         a.epochs = a.epochs or DEMO_DATA['epochs']
         from sapl.data import ensure_phantom
         ensure_phantom(resolve(a.data_dir), DEMO_DATA['n_volumes'])
