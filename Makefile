@@ -46,9 +46,10 @@ REPRO := $(BIN)/python -c 'import sys; from sapl.reproduce import main; main(sys
 demo: install
 	$(REPRO) --demo
 
+# The Table V analogue follows a full reproduction; with ARGS (a chosen subset) it runs only when ARGS_V is given.
 reproduce: install
 	$(REPRO) $(ARGS)
-	$(REPRO) --table-v $(ARGS_V)
+	@if [ -z "$(ARGS)" ] || [ -n "$(ARGS_V)" ]; then $(REPRO) --table-v $(ARGS_V); fi
 
 DOCS_STAMP := $(VENV)/.sapl-docs-installed
 $(DOCS_STAMP): $(STAMP)
