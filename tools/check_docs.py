@@ -121,12 +121,17 @@ def check_docs(page_name: str = '04_sacps') -> Path:
 
 
 def lab_server(port: int, token: str, log: Path) -> subprocess.Popen:
+    # A settings folder of the check's own: the news question ("notified about official Jupyter news?") is answered
+    # (no), so its pop-up does not cover the explorer in the screenshot; the user's own settings are not touched.
+    settings = ROOT/'build'/'lab-check-settings'
+    (settings/'@jupyterlab'/'apputils-extension').mkdir(parents=True, exist_ok=True)
+    (settings/'@jupyterlab'/'apputils-extension'/'notification.jupyterlab-settings').write_text('{"fetchNews": "false"}\n')
     env = dict(os.environ); env.pop('IN_TEST', None)
     env.pop('MPLBACKEND', None)  # the inline backend draws the explorer's figures
     cmd = [str(Path(sys.executable).parent/'jupyter'), 'lab', '--no-browser', '--ip=127.0.0.1', f'--port={port}',
            f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={ROOT}', '--LabApp.expose_app_in_browser=True',
            '--LabApp.news_url=', '--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate',
-           '--ServerApp.open_browser=False', '--LabApp.extension_manager=readonly'] + (['--allow-root'] if os.geteuid() == 0 else [])
+           '--ServerApp.open_browser=False', '--LabApp.extension_manager=readonly', f'--LabApp.user_settings_dir={settings}'] + (['--allow-root'] if os.geteuid() == 0 else [])
     return subprocess.Popen(cmd, env=env, stdout=open(log, 'w'), stderr=subprocess.STDOUT, start_new_session=True)
 
 
