@@ -353,7 +353,23 @@ def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports')
     return [rd/'learning_curves.md', rd/'learning_curves.png', rd/'learning_curves.csv']
 
 # %% ../nbs/09_reproduce.ipynb #502b1a29
-SELECTION_VARIANTS = ('baseline', 'full', 'cps')  # single-U-Net predictors (s1 for CPS)
+SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'mt', 'st', 'sast', 'sast+sacps')  # the predicting U-Net (s1 of two)
+
+def _selection_claims(t: pd.DataFrame) -> list:
+    "The paper's claims (CLAIMS) as paired t-intervals over seeds (Eq. S2) under each rule, where both methods have runs."
+    from sapl.stats import paired_t, verdict
+    out = []
+    for a, b in CLAIMS:
+        m = t[t.variant == a].merge(t[t.variant == b], on='seed', suffixes=('_a', '_b'))
+        if len(m) < 2: continue
+        cells = []
+        for rule in ('last', 'best'):
+            r = paired_t(m[f'{rule}_a'], m[f'{rule}_b'])
+            cells.append(f"{100*r['diff']:+.2f} [{100*r['lo']:+.2f}, {100*r['hi']:+.2f}] **{verdict(r['lo'], r['hi'])}**")
+        out.append(f"| {_label(a)} − {_label(b)} | {len(m)} | {cells[0]} | {cells[1]} |")
+    if not out: return []
+    return ['', '## The paper\'s claims under each rule (paired over seeds, Δ DSC in points, 95 % CI)', '',
+            '| A − B | seeds | last | best val |', '|---|---|---|---|', *out]
 
 def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', variants=SELECTION_VARIANTS) -> Path|None:
     "Test DSC of best.pt beside last.pt for the same runs; mean and SD over seeds per rule (reports/selection.md)."
@@ -388,6 +404,7 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
         sd = lambda x: 100*x.std(ddof=1) if len(x) > 1 else float('nan')
         lines.append(f"| {_label(v)} | {len(g)} | {fmt(ml, hl)} | {sd(g['last']):.2f} | {fmt(mb, hb)} | {sd(g['best']):.2f} | "
                      f"{', '.join(str(e) for e in g.best_epoch)} of {g.epochs.iloc[0]} |")
+    lines += _selection_claims(t)
     _atomic_text(rd/'selection.md', '\n'.join(lines) + '\n'); t.to_csv(rd/'selection.csv', index=False)
     return rd/'selection.md'
 

@@ -445,7 +445,23 @@ test_eq(flattened_at(np.r_[np.linspace(.2, .6, 10), np.full(10, .6)]), 10); test
 
 # %%
 #| export
-SELECTION_VARIANTS = ('baseline', 'full', 'cps')  # single-U-Net predictors (s1 for CPS)
+SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'mt', 'st', 'sast', 'sast+sacps')  # the predicting U-Net (s1 of two)
+
+def _selection_claims(t: pd.DataFrame) -> list:
+    "The paper's claims (CLAIMS) as paired t-intervals over seeds (Eq. S2) under each rule, where both methods have runs."
+    from sapl.stats import paired_t, verdict
+    out = []
+    for a, b in CLAIMS:
+        m = t[t.variant == a].merge(t[t.variant == b], on='seed', suffixes=('_a', '_b'))
+        if len(m) < 2: continue
+        cells = []
+        for rule in ('last', 'best'):
+            r = paired_t(m[f'{rule}_a'], m[f'{rule}_b'])
+            cells.append(f"{100*r['diff']:+.2f} [{100*r['lo']:+.2f}, {100*r['hi']:+.2f}] **{verdict(r['lo'], r['hi'])}**")
+        out.append(f"| {_label(a)} − {_label(b)} | {len(m)} | {cells[0]} | {cells[1]} |")
+    if not out: return []
+    return ['', '## The paper\'s claims under each rule (paired over seeds, Δ DSC in points, 95 % CI)', '',
+            '| A − B | seeds | last | best val |', '|---|---|---|---|', *out]
 
 def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', variants=SELECTION_VARIANTS) -> Path|None:
     "Test DSC of best.pt beside last.pt for the same runs; mean and SD over seeds per rule (reports/selection.md)."
@@ -480,8 +496,15 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
         sd = lambda x: 100*x.std(ddof=1) if len(x) > 1 else float('nan')
         lines.append(f"| {_label(v)} | {len(g)} | {fmt(ml, hl)} | {sd(g['last']):.2f} | {fmt(mb, hb)} | {sd(g['best']):.2f} | "
                      f"{', '.join(str(e) for e in g.best_epoch)} of {g.epochs.iloc[0]} |")
+    lines += _selection_claims(t)
     _atomic_text(rd/'selection.md', '\n'.join(lines) + '\n'); t.to_csv(rd/'selection.csv', index=False)
     return rd/'selection.md'
+
+
+# %%
+_t = pd.DataFrame(dict(variant=['sacps']*3 + ['cps']*3, seed=[0, 1, 2]*2, last=[.60, .62, .61, .63, .64, .62], best=[.65, .66, .64, .66, .66, .65]))
+_c = _selection_claims(_t)
+test_eq(len([l for l in _c if l.startswith('| SA-CPS − CPS | 3 |')]), 1); assert '-2.00' in _c[-1] and '-0.67' in _c[-1]
 
 
 # %% [markdown]
