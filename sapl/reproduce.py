@@ -265,10 +265,11 @@ def write_table_v(per_seed: pd.DataFrame, ratio: float, meta: dict, report_dir='
     return [rd/'table_V.md', rd/'table_V.csv']
 
 def bar_figure(per_seed: pd.DataFrame, variants, labels, ratio, path, title) -> Path|None:
-    "Bars of NSD and DSC (mean ± 95 % CI over seeds) for `variants` at `ratio` (Figs. 5 and 8); None until every variant has runs."
+    "Bars of NSD and DSC (mean ± 95 % CI over seeds) for the `variants` with runs at `ratio` (Figs. 5 and 8); None below two."
     from matplotlib.figure import Figure
-    t = summary_table(per_seed, variants, ratio)
-    if (t.seeds == 0).any(): return None   # a comparison figure with empty bars would mislead
+    t = summary_table(per_seed, variants, ratio); keep = (t.seeds > 0).to_numpy()
+    if keep.sum() < 2: return None   # no empty bars, and one bar compares nothing
+    t, variants, labels = t[keep].reset_index(drop=True), [v for v, k in zip(variants, keep) if k], [l for l, k in zip(labels, keep) if k]
     fig = Figure(figsize=(1.6*len(variants) + 2, 3.2), dpi=120); ax = fig.subplots()
     x = np.arange(len(variants)); w = .38
     for k, (col, name) in enumerate((('nsd', 'NSD'), ('dsc', 'DSC'))):
