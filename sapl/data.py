@@ -317,8 +317,9 @@ def lung_masks(hu: np.ndarray, # [Z,Y,X] HU
                spacing_mm,     # (sz, sy, sx) in the array's axis order
                affine=None,    # NIfTI affine (nibabel x,y,z order); None: x runs toward the patient's left
                weights=None,   # lungmask R231 weights file; default $SAPL_LUNGMASK_WEIGHTS
+               source: str = '', # file name for the plausibility log line
               ) -> np.ndarray: # [Z,Y,X] uint8: 0 background, 1 left lung, 2 right lung
-    "Left/right lung masks: lungmask when a weights file is available, else the classical fallback."
+    "Left/right lung masks: lungmask when a weights file is available, else the classical fallback (`sapl.lungs`); both checked for plausibility."
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim != 3: raise ValueError(f"hu must be a (z, y, x) array, got shape {hu.shape}")
     lps, back = _to_lps(hu, affine)
@@ -336,8 +337,12 @@ def lung_masks(hu: np.ndarray, # [Z,Y,X] HU
         out = np.zeros_like(r231); out[r231 == 2] = 1; out[r231 == 1] = 2  # R231: 1 right, 2 left
     else:
         log.info("lung masks: classical fallback (no lungmask weights given)")
-        out = classical_lung_masks(lps, sp)
-    return back(out.astype(np.uint8))
+        from sapl.lungs import fallback_lung_masks
+        out = fallback_lung_masks(lps, sp)
+    out = back(out.astype(np.uint8))
+    from sapl.lungs import check_lungs
+    check_lungs(out, spacing_mm, hu, source=source)  # plausibility findings, logged once per volume
+    return out
 
 # %% ../nbs/00_data.ipynb #08720544
 @dataclass
@@ -384,12 +389,14 @@ def crop_resize(a: np.ndarray, box, size: int, mode: str = 'bilinear') -> np.nda
 CACHE_VERSION = 3
 _PREPROCESS_CODE = ('preprocess_case', 'preprocess_array', 'load_nifti', 'check_pair', 'window', 'lung_masks', 'classical_lung_masks', '_to_lps',
                     '_close2d', '_fill2d', '_largest', 'lung_box', 'crop_resize')
+_LUNG_CODE = ('fallback_lung_masks', 'cavity_lung_masks', '_aerated', '_fillnan', '_polar', '_profiles', '_wall', '_side', 'check_lungs')  # in sapl.lungs
 
 @functools.lru_cache(maxsize=None)
 def preprocess_fingerprint() -> str:
     "Hash of the source code that turns a CT into a cached volume (as loaded): editing any of it invalidates the cache."
     import inspect, sapl.data as m
-    try: text = ''.join(inspect.getsource(getattr(m, f)) for f in _PREPROCESS_CODE)
+    import sapl.lungs as L
+    try: text = ''.join(inspect.getsource(getattr(m, f)) for f in _PREPROCESS_CODE) + ''.join(inspect.getsource(getattr(L, f)) for f in _LUNG_CODE) + repr((L.AERATED_HU, L.SWITCH, L.PLAUSIBLE))
     except (OSError, TypeError, AttributeError): text = 'source unavailable'
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -430,7 +437,7 @@ def preprocess_array(hu: np.ndarray,  # [Zo,Yo,Xo] HU
                      hu_window=HU_WINDOW, id: str = '', image_path: str = '', label_path: str|None = None, group: str|None = None,
                     ) -> tuple:       # (Volume, lungs [Zo,Yo,Xo] uint8 on the original grid)
     "Lung-mask (unless given), window, crop to the lung box and resize an array already read and checked."
-    if lung is None: lung = lung_masks(hu, spacing, affine, weights)
+    if lung is None: lung = lung_masks(hu, spacing, affine, weights, source=image_path or id)
     keep = np.nonzero(lung.any(axis=(1, 2)))[0]
     if len(keep) == 0: raise DataError(f"{image_path or id}: no lungs found")
     box = lung_box(lung[keep], spacing, margin_mm)
