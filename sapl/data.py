@@ -39,7 +39,7 @@ __all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION
            'semantic', 'lung_box', 'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path',
            'atomic_save_npz', 'preprocess_array', 'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet',
            'LabeledSlices', 'UnlabeledSlices', 'DataBundle', 'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all',
-           'prepare_data']
+           'split_source', 'prepare_data']
 
 # %% ../nbs/00_data.ipynb #e6e9f4e2
 def project_root() -> Path:
@@ -602,6 +602,12 @@ def _restrict(v: Volume, allowed) -> Volume:
     if not m.any(): return v
     return replace(v, image=v.image[m], label=None if v.label is None else v.label[m], lung=v.lung[m], z=v.z[m])
 
+def split_source(dataset: str, data_dir, split_dir=None) -> Path|None:
+    "Where a run's split comes from: `split_dir` when given, else a phantom data set's own split.json, else None (a seeded split)."
+    if split_dir: return resolve(split_dir)
+    js = resolve(data_dir)/'split.json'
+    return js if dataset.startswith('phantom') and js.exists() else None
+
 def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float = 0.1, profile='quick', split_seed: int = 0,
                  split_dir=None, cache_dir=None, weights=None, phantom_seed: int = 0, progress: bool = True) -> DataBundle:
     "Cases -> split -> preprocessed volumes for a run."
@@ -613,11 +619,10 @@ def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float
         js = data_dir/'phantom.json'
         pp = json.loads(js.read_text())['params'] if js.exists() else dict(n_volumes=prof.phantom_volumes, matrix=prof.phantom_matrix)
         ensure_phantom(data_dir, pp['n_volumes'], phantom_seed, pp['matrix'])
-        if (data_dir/'split.json').exists(): split_dir = split_dir or data_dir/'split.json'  # the data set's protocol split
     if dataset == 'phantom-mosmed':
         small = prof.name == 'smoke'
         make_phantom_mosmed(data_dir, *((2, 6, 1, 2) if small else (6, 120, 4, 12)), seed=phantom_seed, matrix=64 if small else 256)
-        split_dir = split_dir or data_dir/'split.json'
+    split_dir = split_source(dataset, data_dir, split_dir)
     cases = {c.id: c for c in find_cases(data_dir, None if dataset.startswith('phantom') else dataset)}
     if split_dir: split = paper_split(resolve(split_dir), ratio)
     else: split = make_split(list(cases.values()), ratio, split_seed)

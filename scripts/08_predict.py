@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 import torch
-from sapl.data import DataError, load_nifti, find_cases, make_split, paper_split, lung_masks, preprocess_array, window, atomic_path, resolve, log
+from sapl.data import DataError, load_nifti, find_cases, make_split, paper_split, split_source, lung_masks, preprocess_array, window, atomic_path, resolve, log
 from sapl.eval import predict_volume, to_original, write_nifti
 from sapl.unet import UNet
 from sapl.train import RunConfig, load_checkpoint, predict_meta
@@ -539,10 +539,11 @@ def cached_lungs(image, hu, spacing, affine, weights=None, cache_dir=None) -> np
     return lung
 
 def test_volumes(data_dir, config: dict) -> list:
-    "Test volume ids of the run a checkpoint config describes: its `split_dir`, else the data set's `split.json`, else the seeded split."
-    d = resolve(data_dir); sd = config.get('split_dir') or (d/'split.json' if (d/'split.json').exists() else None)
-    if sd: return list(paper_split(resolve(sd), config.get('ratio') or 0.1).test)
-    return list(make_split(find_cases(d), config.get('ratio') or 0.1, config.get('split_seed', 0)).test)
+    "Test volume ids of the run a checkpoint config describes, from the split source its training used (`split_source`)."
+    d, ratio = resolve(data_dir), config.get('ratio') or 0.1
+    sd = split_source(config.get('dataset', 'phantom'), d, config.get('split_dir'))
+    if sd: return list(paper_split(sd, ratio).test)
+    return list(make_split(find_cases(d), ratio, config.get('split_seed', 0)).test)
 
 def evaluate_severity(checkpoints: dict,   # {name: checkpoint path, or a list of paths to average}
                       data_dir=None,       # phantom folder (default: the data_dir of the first checkpoint's run)
