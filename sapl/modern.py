@@ -66,16 +66,18 @@ def largest_component(y: torch.Tensor) -> torch.Tensor: # [B,1,H,W] {0,1} -> sam
     return out
 
 # %% ../nbs/07a_modern.ipynb #8fd96068
-SYNTH_DEFAULTS = dict(synthetic=False, K=10, style='pos', sean_seed=0)  # the plug-in's options, off by default
+SYNTH_DEFAULTS = dict(synthetic=False, K=10, style='pos', sean_seed=0, sean=None, composite=True)  # the plug-in's options, off by default
 
 def l_synthetic_plugin(f, # the method's (student) network: [B,1,H,W] -> logits
                        gen, # the split's synthesizer
                        lung: torch.Tensor, # [B,H,W] lungs of the unlabeled batch
                        yp: torch.Tensor, # [B,1,H,W] {0,1} the method's pseudo-labels
                        sc: torch.Tensor, # [1,s,d] SC_ref or [B,s,d] Self Style codes
+                       background: torch.Tensor|None = None, # [B,1,H,W] real slices kept outside the lungs (Eq. 3b)
+                       generator: torch.Generator|None = None, # source of the noise of Eq. 3c
                       ) -> torch.Tensor:
     "L_Seg(f(Dec(y^p, SC_ref)), y^p) of Eq. M6."
-    return l_seg(f(synthesize_pseudo(gen, lung, yp, sc)), yp)
+    return l_seg(f(synthesize_pseudo(gen, lung, yp, sc, background, generator)), yp)
 
 class SynthesisPlugin(SynthesisSetup):
     "Mixin for a pseudo-label `Method`: option `synthetic` adds w_u(t) L_syn (Eq. M6) to its loss."
@@ -97,7 +99,7 @@ class SynthesisPlugin(SynthesisSetup):
         w = float(self.unlabeled_weight(tr))
         if self.yp is None or w == 0: return {**out, 'l_synthetic': torch.zeros(()), 'w_synthetic': w}
         sc = self.reference(tr, bu['image'], bu['lung'], self.yp)
-        ls = l_synthetic_plugin(tr.models[0], self.gen, bu['lung'], self.yp, sc)
+        ls = l_synthetic_plugin(tr.models[0], self.gen, bu['lung'], self.yp, sc, self.background(bu['image']), self.noise_generator(tr))
         return {**out, 'loss': out['loss'] + w*ls, 'l_synthetic': ls.detach(), 'w_synthetic': w}
 
 # %% ../nbs/07a_modern.ipynb #fc8608bc

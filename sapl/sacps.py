@@ -4,16 +4,14 @@
 
 # %% ../nbs/04_sacps.ipynb #ca8787bb
 from __future__ import annotations
-from contextlib import contextmanager
 from pathlib import Path
 import torch
 from .unet import l_seg, l_sup
 from .train import Method, register, VARIANTS
-from .style_pool import StylePool, ensure_sean, sean_dir, sample_reference, synthesize_pseudo, self_style
+from .style_pool import StylePool, sean_lock, split_synthesizer, check_sean, sample_reference, synthesize_pseudo, self_style
 
 # %% auto #0
-__all__ = ['pseudo_labels', 'cross_synthesize', 'l_pseudo', 'l_synthetic', 'l_unsup', 'l_sacps', 'sean_lock', 'SynthesisSetup',
-           'SACPS', 'CPS']
+__all__ = ['pseudo_labels', 'cross_synthesize', 'l_pseudo', 'l_synthetic', 'l_unsup', 'l_sacps', 'SynthesisSetup', 'SACPS', 'CPS']
 
 # %% ../nbs/04_sacps.ipynb #01163584
 def pseudo_labels(z: torch.Tensor, # [B,1,H,W] logits
@@ -25,11 +23,14 @@ def pseudo_labels(z: torch.Tensor, # [B,1,H,W] logits
 def cross_synthesize(gen, lung: torch.Tensor, # [B,H,W] lungs of the unlabeled batch
                      y1p: torch.Tensor, y2p: torch.Tensor, # [B,1,H,W] pseudo-labels of s1, s2
                      style: torch.Tensor,     # [1,s,d] SC_ref, or [B,s,d] per-image codes (Self Style)
+                     background: torch.Tensor|None = None, # [B,1,H,W] x^u kept outside the lungs (Eq. 3b); None: Eq. 3
+                     generator: torch.Generator|None = None, # source of the noise of Eq. 3c
                     ) -> tuple:               # (x̂1, x̂2), each [B,1,H,W]
     "x̂1 = Dec(y2p, SC_ref), x̂2 = Dec(y1p, SC_ref) in one batched call (Eq. 10)."
     B = len(lung)
     st = style if style.shape[0] == 1 else torch.cat([style, style])
-    x = synthesize_pseudo(gen, torch.cat([lung, lung]), torch.cat([y2p, y1p]), st)
+    bg = None if background is None else torch.cat([background, background])
+    x = synthesize_pseudo(gen, torch.cat([lung, lung]), torch.cat([y2p, y1p]), st, bg, generator)
     return x[:B], x[B:]
 
 # %% ../nbs/04_sacps.ipynb #7fc5cce8
@@ -50,25 +51,11 @@ def l_sacps(l_s, l_u, lam: float = 0.5) -> torch.Tensor:
     return l_s + lam*l_u
 
 # %% ../nbs/04_sacps.ipynb #db527931
-@contextmanager
-def sean_lock(d: Path):
-    "Exclusive lock on a synthesizer folder while it is trained or loaded (no-op where `fcntl` is missing)."
-    d.mkdir(parents=True, exist_ok=True)
-    try: import fcntl
-    except ImportError: yield; return
-    with open(d/'.lock', 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
-
 class SynthesisSetup:
-    "Mixin of a `Method` with options `style`, `K`, `sean_seed`: the split's synthesizer, its style pool, SC_ref per iteration."
+    "Mixin of a `Method` with options `style`, `K`, `sean_seed`, `sean`, `composite`: the split's synthesizer, its style pool, SC_ref per iteration."
     def setup_synthesis(self, tr):
         "Load (or first train) the split's synthesizer, frozen, and build the style pool of option `style`."
-        c = self.cfg
-        with sean_lock(sean_dir(c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'])):
-            self.gen = ensure_sean(tr.data.train_l, c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'], device=c.device,
-                                   verbose=tr.progress).to(tr.device).eval().requires_grad_(False)
+        self.gen = split_synthesizer(tr.data.train_l, self.cfg, self.o['sean_seed'], self.o.get('sean'), tr.progress).to(tr.device)
         self.pool = None if self.o['style'] == 'self' else StylePool.build(self.gen, tr.data.train_l, kind=self.o['style'])
 
     def reference(self, tr, xu, lung, yp) -> torch.Tensor:
@@ -78,18 +65,28 @@ class SynthesisSetup:
         sc, self.last_draw = sample_reference(self.pool, self.o['K'], g)
         return sc
 
+    def background(self, xu: torch.Tensor) -> torch.Tensor|None:
+        "The real slices kept outside the lungs of a synthetic image (option `composite`, Eq. 3b), or None (Eq. 3)."
+        return xu if self.o.get('composite', True) else None
+
+    def noise_generator(self, tr) -> torch.Generator:
+        "Seeded source of this iteration's noise (Eq. 3c), apart from the global stream the host method draws from."
+        return torch.Generator().manual_seed(self.cfg.seed*1_000_003 + tr.sched.last_epoch + 500_009)
+
+
 # %% ../nbs/04_sacps.ipynb #581daaee
 @register
 class SACPS(SynthesisSetup, Method):
     name = 'sacps'
     n_models = 2
     unlabeled = True
-    defaults = dict(pseudo=True, synthetic=True, lam=0.5, tau=0.5, K=10, style='pos', sean_seed=0)
+    defaults = dict(pseudo=True, synthetic=True, lam=0.5, tau=0.5, K=10, style='pos', sean_seed=0, sean=None, composite=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         if not (self.o['pseudo'] or self.o['synthetic']): raise ValueError("at least one of pseudo/synthetic must be on")
         if self.o['style'] not in ('pos', 'all', 'self'): raise ValueError(f"style must be 'pos', 'all' or 'self', got {self.o['style']!r}")
+        check_sean(self.o['sean'])
         self.gen = self.pool = None; self.last_draw = None
 
     def setup(self, tr):
@@ -106,7 +103,7 @@ class SACPS(SynthesisSetup, Method):
         lp = l_pseudo(z1[B:], z2[B:], y1p, y2p) if o['pseudo'] else torch.zeros(())   # Eq. 11
         if o['synthetic']:
             sc = self.reference(tr, xu, bu['lung'], torch.maximum(y1p, y2p))
-            x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc)              # Eq. 10
+            x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc, self.background(xu), self.noise_generator(tr))   # Eq. 10 (3c)
             lsyn = l_synthetic(s1(x1), s2(x2), y1p, y2p)                              # Eq. 12
         else: lsyn = torch.zeros(())
         lu = l_unsup(lp, lsyn, o['pseudo'], o['synthetic'])                           # Eq. 13
@@ -121,4 +118,7 @@ class CPS(SACPS):
 
 # %% ../nbs/04_sacps.ipynb #be7c3eff
 VARIANTS.update({'cps': ('cps', {}), 'sacps': ('sacps', {}), 'sacps-synth': ('sacps', {'pseudo': False}),
-                 'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'})})
+                 'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'}),
+                 **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000)},
+                 'sacps-whole': ('sacps', {'composite': False}),
+                 'sacps-spade': ('sacps', {'sean': 'quick-spade', 'composite': False})})

@@ -10,7 +10,7 @@ import torch
 from .data import Volume, LabeledSlices, log
 from .unet import l_seg
 from .train import Method, register, RunConfig, Trainer, run, load_checkpoint, VARIANTS
-from .style_pool import StylePool, ensure_sean, sample_reference, synthesize_pseudo, self_style
+from .style_pool import StylePool, split_synthesizer, check_sean, sample_reference, synthesize_pseudo, self_style
 
 # %% auto #0
 __all__ = ['pseudo_volumes', 'synthetic_volumes', 'l_sast', 'SAST', 'ST']
@@ -26,7 +26,9 @@ def pseudo_volumes(predict, vols: list, tau: float = 0.5, batch: int = 64) -> li
     return out
 
 @torch.no_grad()
-def synthetic_volumes(gen, pseudo: list, pool: StylePool|None, K: int = 10, seed: int = 0, batch: int = 64) -> list:
+def synthetic_volumes(gen, pseudo: list, pool: StylePool|None, K: int = 10, seed: int = 0, batch: int = 64,
+                      composite: bool = True, # keep the real slice outside the lungs (Eq. 3b); False: Eq. 3
+                     ) -> list:
     "Step 3: one synthetic image per pseudo-labeled slice, Dec(y^p, SC_ref); pool None = Self Style."
     g = torch.Generator().manual_seed(seed); out = []
     for v in pseudo:
@@ -35,7 +37,8 @@ def synthetic_volumes(gen, pseudo: list, pool: StylePool|None, K: int = 10, seed
         for i in range(0, len(lung), batch):
             if pool is None: sc = self_style(gen, torch.from_numpy(v.image[i:i+batch])[:, None], lung[i:i+batch], lab[i:i+batch])
             else: sc, _ = sample_reference(pool, K, g)
-            ims.append(synthesize_pseudo(gen, lung[i:i+batch], lab[i:i+batch], sc)[:, 0].cpu())
+            real = torch.from_numpy(v.image[i:i+batch])[:, None]
+            ims.append(synthesize_pseudo(gen, lung[i:i+batch], lab[i:i+batch], sc, real if composite else None, g)[:, 0].cpu())
         out.append(replace(v, id=v.id + ':synthetic', image=torch.cat(ims).numpy().astype(np.float32)))
     return out
 
@@ -48,12 +51,14 @@ def l_sast(l_s, l_p, l_syn, mu: float = 0.5) -> torch.Tensor:
 @register
 class SAST(Method):
     name = 'sast'
-    defaults = dict(teacher='baseline', pseudo=True, synthetic=True, mu=0.5, tau=0.5, K=10, style='pos', sean_seed=0)
+    defaults = dict(teacher='baseline', pseudo=True, synthetic=True, mu=0.5, tau=0.5, K=10, style='pos', sean_seed=0, sean=None, composite=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if self.o['teacher'] not in ('baseline', 'sacps'): raise ValueError(f"teacher must be 'baseline' or 'sacps', got {self.o['teacher']!r}")
+        if VARIANTS.get(self.o['teacher'], ('',))[0] not in ('baseline', 'sacps'):
+            raise ValueError(f"teacher must be a Baseline or SA-CPS variant (e.g. 'baseline', 'sacps'), got {self.o['teacher']!r}")
         if not (self.o['pseudo'] or self.o['synthetic']): raise ValueError("at least one of pseudo/synthetic must be on")
+        check_sean(self.o['sean'])
 
     def teacher(self, tr) -> Trainer:
         tc = self.cfg.variant(self.o['teacher'])  # same data, profile, schedule, seed and out_dir
@@ -69,9 +74,9 @@ class SAST(Method):
         self.pseudo_ds = LabeledSlices(self.pseudo, augment=True, seed=self.cfg.seed + 2)
         if o['synthetic']:
             c = self.cfg
-            gen = ensure_sean(tr.data.train_l, c.out_dir, c.dataset, c.profile, c.ratio, o['sean_seed'], device=c.device, verbose=tr.progress).eval()
+            gen = split_synthesizer(tr.data.train_l, c, o['sean_seed'], o['sean'], tr.progress)
             pool = None if o['style'] == 'self' else StylePool.build(gen, tr.data.train_l, kind=o['style'])
-            self.synth = synthetic_volumes(gen, self.pseudo, pool, o['K'], seed=c.seed)
+            self.synth = synthetic_volumes(gen, self.pseudo, pool, o['K'], seed=c.seed, composite=o['composite'])
             self.synth_ds = LabeledSlices(self.synth, augment=True, seed=c.seed + 3)
         del t
 
@@ -97,4 +102,7 @@ class ST(SAST):
 
 # %% ../nbs/05_sast.ipynb #7b28eb1f
 VARIANTS.update({'st': ('st', {}), 'sast': ('sast', {}), 'sast-synth': ('sast', {'pseudo': False}),
-                 'sast+sacps': ('sast', {'teacher': 'sacps'})})
+                 'sast+sacps': ('sast', {'teacher': 'sacps'}),
+                 # as first benchmarked here: the earlier synthesizer decoding whole images (see 04_sacps)
+                 'sast-spade': ('sast', {'sean': 'quick-spade', 'composite': False}),
+                 'sast+sacps-spade': ('sast', {'teacher': 'sacps-spade', 'sean': 'quick-spade', 'composite': False})})

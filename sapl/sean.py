@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_sean.ipynb #c985489a
 from __future__ import annotations
-import os, csv, math, time, random
+import os, csv, copy, math, time, random
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -36,13 +36,16 @@ class SeanConfig:
     g_up: tuple = (0, 1, 1, 1)       # per block: 1 = x2 nearest upsampling before it
     style_in_last: bool = False      # SEAN: the last block is mask-only (SPADE) modulated
     spade_hidden: int = 32           # hidden width of the mask (SPADE) branch
+    spade_kernel: int = 3            # kernel of its gamma/beta convs (1: pointwise)
+    modulation: str = 'spade'        # 'spade': conv mask branch (Eq. S3); 'class': one (gamma, beta) per region (Eq. S3c)
     norm: str = 'batch'              # parameter-free norm of the generator: 'batch' | 'instance'
     ndf: int = 32                    # discriminator base width
     n_layers_d: int = 3              # conv layers per PatchGAN (before the 1-channel head)
     num_d: int = 2                   # number of discriminator scales
     batch: int = 8
     epochs: int = 30
-    iters_per_epoch: int|None = None # None: one pass over the labeled slices
+    iters_per_epoch: int|None = None # None: one pass over the labeled slices; else a fixed number (budget = epochs x iters_per_epoch)
+    ema: float = 0.                  # decay of the generator's moving average used for synthesis (0: none)
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     betas: tuple = (0.0, 0.9)
@@ -58,11 +61,14 @@ class SeanConfig:
 SEAN_PROFILES = {
     'smoke': SeanConfig('smoke', size=32, style_dim=8, enc_ngf=4, ngf=4, g_mults=(4, 2, 1), g_up=(0, 1, 1),
                         spade_hidden=8, ndf=8, n_layers_d=2, num_d=2, batch=4, epochs=2),
-    'quick': SeanConfig('quick', iters_per_epoch=30),  # a fixed budget of 900 iterations, whatever the labeled set's size
+    'quick': SeanConfig('quick', modulation='class', ngf=4, g_mults=(8, 4, 2, 1), epochs=40, iters_per_epoch=50, ema=0.995),
+    'quick-spade': SeanConfig('quick-spade', iters_per_epoch=30),  # the first quick generator: conv mask branch, 64-64-32-16 channels, 900 iterations
     'paper': SeanConfig('paper', size=512, style_dim=512, enc_ngf=32, ngf=64, g_mults=(16, 16, 16, 8, 4, 2, 1),
                         g_up=(0, 1, 0, 1, 1, 1, 1), spade_hidden=128, ndf=64, n_layers_d=4, num_d=2,
                         batch=8, epochs=50),
 }
+# shorter training budgets of the quick synthesizer (fidelity levels of the dose-response experiment, 03_style_pool)
+SEAN_PROFILES.update({f'quick-b{n}': replace(SEAN_PROFILES['quick'], name=f'quick-b{n}', epochs=n // 50) for n in (250, 1000)})
 
 # %% ../nbs/02_sean.ipynb #995b1a69
 def semantic_mask(lung: torch.Tensor,  # [B,H,W] long {0 bg,1 left,2 right}
@@ -79,7 +85,7 @@ def one_hot_mask(sem: torch.Tensor, # [B,H,W] long in [0,s)
                 ) -> torch.Tensor:  # [B,s,H,W] float
     "One-hot encoding $M$ of a semantic mask (Eq. S1); a float [B,s,H,W] input is returned as is."
     if sem.is_floating_point() and sem.dim() == 4: return sem
-    return F.one_hot(sem.long(), n_classes).permute(0, 3, 1, 2).float()
+    return (sem.long()[:, None] == torch.arange(n_classes, device=sem.device)[None, :, None, None]).float()
 
 # %% ../nbs/02_sean.ipynb #383a25f3
 def region_mean(feat: torch.Tensor, # [B,d,h,w] feature map F
@@ -135,22 +141,36 @@ def _norm2d(kind: str, ch: int) -> nn.Module:
     if kind == 'instance': return nn.InstanceNorm2d(ch, affine=False)
     raise ValueError(f"unknown norm {kind!r}: use 'batch' or 'instance'")
 
+def _region_lookup(t: torch.Tensor, # [B or 1, K, s] one K-vector per region
+                   m: torch.Tensor, # [B,s,h,w] one-hot mask
+                  ) -> torch.Tensor: # [B,K,h,w]: t[b, :, m[b,h,w]]
+    "Broadcast per-region vectors into their regions (a 1x1 conv on the one-hot mask when the table is shared)."
+    if t.shape[0] == 1: return F.conv2d(m, t[0][:, :, None, None])
+    lab = m.argmax(1) + t.shape[2] * torch.arange(len(m), device=m.device)[:, None, None]
+    return F.embedding(lab, t.transpose(1, 2).reshape(-1, t.shape[1])).permute(0, 3, 1, 2)
+
 class ACENorm(nn.Module):
     "Region-wise style + mask modulated normalisation (Eq. S3)."
-    def __init__(self, ch: int, n_classes: int, style_dim: int, hidden: int, norm: str = 'batch', use_style: bool = True):
+    def __init__(self, ch: int, n_classes: int, style_dim: int, hidden: int, norm: str = 'batch', use_style: bool = True,
+                 spade_kernel: int = 3, modulation: str = 'spade'):
         super().__init__()
-        self.use_style, self.n_classes = use_style, n_classes
+        if modulation not in ('spade', 'class'): raise ValueError(f"modulation must be 'spade' or 'class', got {modulation!r}")
+        self.use_style, self.n_classes, self.modulation = use_style, n_classes, modulation
         self.norm = _norm2d(norm, ch)
         self.noise_scale = nn.Parameter(torch.zeros(ch))
-        self.mask_shared = nn.Sequential(nn.Conv2d(n_classes, hidden, 3, padding=1), nn.ReLU())
-        self.mask_gamma = nn.Conv2d(hidden, ch, 3, padding=1)
-        self.mask_beta = nn.Conv2d(hidden, ch, 3, padding=1)
+        if modulation == 'spade':
+            self.mask_shared = nn.Sequential(nn.Conv2d(n_classes, hidden, 3, padding=1), nn.ReLU())
+            self.mask_gamma = nn.Conv2d(hidden, ch, spade_kernel, padding=spade_kernel // 2)
+            self.mask_beta = nn.Conv2d(hidden, ch, spade_kernel, padding=spade_kernel // 2)
+        else:
+            self.mask_gamma, self.mask_beta = nn.Conv2d(n_classes, ch, 1), nn.Conv2d(n_classes, ch, 1)
         if use_style:
             self.fc_w = nn.Parameter(torch.empty(n_classes, style_dim, style_dim))
             self.fc_b = nn.Parameter(torch.zeros(n_classes, style_dim))
             nn.init.xavier_normal_(self.fc_w, gain=0.02)
-            self.style_gamma = nn.Conv2d(style_dim, ch, 3, padding=1)
-            self.style_beta = nn.Conv2d(style_dim, ch, 3, padding=1)
+            k = 3 if modulation == 'spade' else 1
+            self.style_gamma = nn.Conv2d(style_dim, ch, k, padding=k // 2)
+            self.style_beta = nn.Conv2d(style_dim, ch, k, padding=k // 2)
             self.blend_gamma = nn.Parameter(torch.zeros(1))
             self.blend_beta = nn.Parameter(torch.zeros(1))
 
@@ -165,26 +185,56 @@ class ACENorm(nn.Module):
         if self.training or generator is not None:
             n = torch.randn(a.shape[0], 1, *a.shape[2:], generator=generator, device=a.device, dtype=a.dtype)
             a = a + n * self.noise_scale.view(1, -1, 1, 1)
+        if m.shape[2:] != a.shape[2:]: m = F.interpolate(m, size=a.shape[2:], mode='nearest')
+        if self.modulation == 'class': return self.class_modulate(a, m, style)
         a = self.norm(a)
-        m = F.interpolate(m, size=a.shape[2:], mode='nearest')
         h = self.mask_shared(m)
         gamma, beta = self.mask_gamma(h), self.mask_beta(h)
         if self.use_style:
             g_s, b_s = self.style_convs(m, style)
             ag, ab = torch.sigmoid(self.blend_gamma), torch.sigmoid(self.blend_beta)
-            gamma = ag * g_s + (1 - ag) * gamma
-            beta = ab * b_s + (1 - ab) * beta
+            gamma = torch.lerp(gamma, g_s, ag)
+            beta = torch.lerp(beta, b_s, ab)
         return torch.addcmul(beta, a, 1 + gamma)
 
-    def style_convs(self, m: torch.Tensor, style: torch.Tensor) -> tuple:
+    def class_table(self, style: torch.Tensor|None,  # [B,s,d] or [1,s,d]
+                   ) -> torch.Tensor:                # [B or 1, 2C, s]: (gamma; beta) of each region
+        "Eq. S3 with 1x1 convs: one (gamma, beta) pair per region (Eq. S3c)."
+        w = lambda a, b: torch.cat([a.weight, b.weight]).flatten(1)                       # [2C, s or d]
+        bias = lambda a, b: torch.cat([a.bias, b.bias])[:, None]
+        t = (w(self.mask_gamma, self.mask_beta) + bias(self.mask_gamma, self.mask_beta))[None]
+        if not self.use_style: return t
+        mu = F.relu(torch.einsum('bsd,sed->bse', style, self.fc_w) + self.fc_b)                   # [B,s,d]
+        ts = torch.einsum('cd,bsd->bcs', w(self.style_gamma, self.style_beta), mu) + bias(self.style_gamma, self.style_beta)
+        C = t.shape[1] // 2
+        alpha = torch.cat([torch.sigmoid(self.blend_gamma).expand(C), torch.sigmoid(self.blend_beta).expand(C)])[:, None]
+        return torch.lerp(t, ts, alpha)
+
+    def class_modulate(self, a: torch.Tensor,   # [B,C,h,w] activation (noise added)
+                       m: torch.Tensor,         # [B,s,h,w] one-hot mask at this resolution
+                       style: torch.Tensor|None) -> torch.Tensor:
+        "norm(a) * (1 + gamma[m]) + beta[m]; in eval mode the batch-norm statistics are folded into the table."
+        t, C, bn = self.class_table(style), a.shape[1], self.norm
+        if not self.training and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
+            g = torch.rsqrt(bn.running_var + bn.eps)[:, None] * (1 + t[:, :C])              # BN(a)(1+gamma)+beta = a g + b
+            gb = _region_lookup(torch.cat([g, t[:, C:] - bn.running_mean[:, None] * g], 1), m)
+            return torch.addcmul(gb[:, C:], a, gb[:, :C])
+        gb = _region_lookup(t, m)
+        return torch.addcmul(gb[:, C:], bn(a), 1 + gb[:, :C])
+
+    def style_convs(self, m: torch.Tensor,     # [B,s,h,w] one-hot mask at this resolution
+                    style: torch.Tensor,       # [B,s,d] per-sample codes, or [1,s,d] shared by the batch
+                   ) -> tuple:                 # (conv_gamma(S), conv_beta(S)), each [B,C,h,w]
         "Style terms (conv_gamma(S), conv_beta(S)) of Eq. S3, computed as Eq. S3b."
         B, s, h, w = m.shape
         mu = F.relu(torch.einsum('bsd,sed->bse', style, self.fc_w) + self.fc_b)            # [B,s,d]
         wt = torch.cat([self.style_gamma.weight, self.style_beta.weight])                  # [2C,d,3,3]
+        bias = torch.cat([self.style_gamma.bias, self.style_beta.bias])
+        if style.shape[0] == 1 and B > 1:                                                  # one code: one conv on M
+            return F.conv2d(m, torch.einsum('cdij,sd->csij', wt, mu[0]), bias, padding=1).chunk(2, 1)
         k = torch.einsum('cdij,bsd->bcsij', wt, mu).flatten(2)                             # [B,2C,s*9] per-sample kernels
         cols = F.unfold(m, 3, padding=1)                                                   # [B,s*9,h*w]
-        bias = torch.cat([self.style_gamma.bias, self.style_beta.bias])[None, :, None]
-        return torch.baddbmm(bias, k, cols).view(B, -1, h, w).chunk(2, 1)
+        return torch.baddbmm(bias[None, :, None], k, cols).view(B, -1, h, w).chunk(2, 1)
 
 # %% ../nbs/02_sean.ipynb #1019a525
 class SEANBlock(nn.Module):
@@ -192,7 +242,7 @@ class SEANBlock(nn.Module):
     def __init__(self, fin: int, fout: int, cfg: SeanConfig, use_style: bool = True):
         super().__init__()
         fmid = min(fin, fout)
-        ace = lambda ch: ACENorm(ch, cfg.n_classes, cfg.style_dim, cfg.spade_hidden, cfg.norm, use_style)
+        ace = lambda ch: ACENorm(ch, cfg.n_classes, cfg.style_dim, cfg.spade_hidden, cfg.norm, use_style, cfg.spade_kernel, cfg.modulation)
         self.learned_shortcut = fin != fout
         g = cfg.init_gain
         self.norm_0, self.conv_0 = ace(fin), _sn(nn.Conv2d(fin, fmid, 3, padding=1), g)
@@ -220,16 +270,19 @@ class Decoder(nn.Module):
         self.conv_img = nn.Conv2d(ch[-1], 1, 3, padding=1)
 
     def forward(self, m: torch.Tensor,      # [B,H,W] long semantic mask, or [B,s,H,W] one-hot
-                style: torch.Tensor,        # [B,s,d] style code
+                style: torch.Tensor,        # [B,s,d] style codes, or [1,s,d] shared by the batch
                 generator: torch.Generator|None = None,
                ) -> torch.Tensor:           # [B,1,H,W] in [-1,1]
         m = one_hot_mask(m, self.cfg.n_classes).to(style.dtype)
         H, W = m.shape[-2:]; k = 2 ** self.cfg.n_up
         if H % k or W % k: raise ValueError(f"mask size {H}x{W} must be divisible by {k}")
-        x = self.fc(F.interpolate(m, size=(H // k, W // k), mode='nearest'))
+        if style.shape[0] not in (1, m.shape[0]): raise ValueError(f"style batch {style.shape[0]} vs mask batch {m.shape[0]}")
+        ms = m[:, :, ::k, ::k]                       # nearest downsampling by an integer factor = strided view
+        x = self.fc(ms)
         for up, blk in zip(self.cfg.g_up, self.blocks):
             if up: x = F.interpolate(x, scale_factor=2, mode='nearest')
-            x = blk(x, m, style, generator)
+            if ms.shape[-1] != x.shape[-1]: f = H // x.shape[-2]; ms = m[:, :, ::f, ::f]   # mask once per resolution
+            x = blk(x, ms, style, generator)
         return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
 class SEAN(nn.Module):
@@ -372,10 +425,10 @@ def make_optimizers(cfg: SeanConfig, G: nn.Module, D: nn.Module):
             torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas)))
 
 def load_sean(path, device='cpu') -> SEAN:
-    "Generator (encoder + decoder) from a `train_sean` checkpoint, in eval mode."
+    "Generator (encoder + decoder; its moving average when kept) from a `train_sean` checkpoint, in eval mode."
     st = load_checkpoint(path)
     G = SEAN(config_from_dict(st['config']))
-    G.load_state_dict(st['G'])
+    G.load_state_dict(st.get('G_ema', st['G']))   # the moving average of the generator when it was kept
     return G.to(device).eval()
 
 # %% ../nbs/02_sean.ipynb #39a589fb
@@ -401,6 +454,22 @@ def _sean_step(G, D, optG, optD, batch, cfg, vgg, device):
     optD.zero_grad(set_to_none=True); loss_d.backward(); optD.step()
     return {'g_adv': l_adv.item(), 'g_fm': l_fm.item(), 'g_l1': l_rec.item(), 'g_vgg': l_vgg.item(), 'd': loss_d.item()}
 
+def _epoch_batches(ds: Dataset, cfg: SeanConfig, seed: int, epoch: int):
+    "The batches of one epoch: shuffled passes seeded by (seed, epoch), `iters_per_epoch` batches (one pass when None)."
+    n = len(ds); iters = cfg.iters_per_epoch or max(n // cfg.batch, 1); it, k = 0, 0
+    while it < iters:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919 * k)   # k = 0: the first pass of every epoch
+        for batch in DataLoader(ds, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=n >= cfg.batch):
+            if it >= iters: break
+            yield batch; it += 1
+        k += 1
+
+@torch.no_grad()
+def _ema_update(avg: nn.Module, model: nn.Module, decay: float):
+    "Exponential moving average of the weights (buffers such as batch-norm statistics are copied)."
+    for a, p in zip(avg.parameters(), model.parameters()): a.lerp_(p, 1 - decay)
+    for a, b in zip(avg.buffers(), model.buffers()): a.copy_(b)
+
 def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
                labeled_dataset: Dataset, # items {'image' [1,S,S] in [0,1], 'label' [1,S,S], 'lung' [S,S] long, 'idx'}
                out_dir,                  # run folder: last.pt, log.csv
@@ -408,13 +477,14 @@ def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
                epochs: int|None = None,  # None: cfg.epochs
                device='cpu',
                verbose: bool = True,
-              ) -> SEAN:                 # trained generator in eval mode
-    "Train the synthesizer on labeled slices; checkpoint every epoch, resume from `last.pt`."
+              ) -> SEAN:                 # trained generator (its moving average when cfg.ema > 0) in eval mode
+    "Train the synthesizer on labeled slices for epochs x iters_per_epoch iterations; checkpoint every epoch, resume from `last.pt`."
     epochs = cfg.epochs if epochs is None else epochs
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     ckpt = out / 'last.pt'
     torch.manual_seed(seed); np.random.seed(seed); random.seed(seed)
     G, D = SEAN(cfg).to(device), MultiScaleDiscriminator(cfg).to(device)
+    G_ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema > 0 else None
     optG, optD = make_optimizers(cfg, G, D)
     vgg = VGG19Features.from_file(cfg.vgg_weights, device) if cfg.vgg_weights else None
     start, history = 0, []
@@ -423,30 +493,28 @@ def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
         if st['config'] != config_dict(cfg) or st['seed'] != seed:
             raise ValueError(f"{ckpt} belongs to another run (config or seed differ); use a new out_dir")
         G.load_state_dict(st['G']); D.load_state_dict(st['D'])
+        if G_ema is not None: G_ema.load_state_dict(st['G_ema'])
         optG.load_state_dict(st['optG']); optD.load_state_dict(st['optD'])
         set_rng_state(st['rng']); start, history = st['epoch'], list(st['history'])
         if verbose: log.info(f"SEAN: resuming {ckpt} at epoch {start}/{epochs}")
-    n = len(labeled_dataset)
-    if n == 0: raise ValueError("train_sean needs at least one labeled slice")
+    if len(labeled_dataset) == 0: raise ValueError("train_sean needs at least one labeled slice")
     for epoch in range(start, epochs):
         t0 = time.time()
         G.train(); D.train()
         if hasattr(labeled_dataset, 'set_epoch'): labeled_dataset.set_epoch(epoch)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        dl = DataLoader(labeled_dataset, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=n >= cfg.batch)
         sums, k = {}, 0
-        for it, batch in enumerate(dl):
-            if cfg.iters_per_epoch is not None and it >= cfg.iters_per_epoch: break
+        for batch in _epoch_batches(labeled_dataset, cfg, seed, epoch):
             for key, v in _sean_step(G, D, optG, optD, batch, cfg, vgg, device).items(): sums[key] = sums.get(key, 0.) + v
+            if G_ema is not None: _ema_update(G_ema, G, cfg.ema)
             k += 1
         row = {'epoch': epoch + 1, **{key: v / max(k, 1) for key, v in sums.items()}, 'iters': k, 'seconds': time.time() - t0}
         history.append(row)
         save_checkpoint(ckpt, {'G': G.state_dict(), 'D': D.state_dict(), 'optG': optG.state_dict(), 'optD': optD.state_dict(),
-                     'rng': rng_state(), 'epoch': epoch + 1, 'seed': seed, 'config': config_dict(cfg),
-                     'history': history})
+                     'rng': rng_state(), 'epoch': epoch + 1, 'seed': seed, 'config': config_dict(cfg), 'history': history,
+                     **({'G_ema': G_ema.state_dict()} if G_ema is not None else {})})
         _write_csv(history, out / 'log.csv')
         if verbose: log.info('SEAN ' + ' '.join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
-    return G.eval()
+    return (G_ema if G_ema is not None else G).eval()
 
 # %% ../nbs/02_sean.ipynb #983ca317
 class _eval_mode:
@@ -466,8 +534,7 @@ def synthesize(gen: nn.Module,       # SEAN or Decoder
     dec = getattr(gen, 'dec', gen)
     dev = _device(dec)
     mask, style = mask.to(dev).long(), style.to(dev).float()
-    if style.shape[0] == 1 and mask.shape[0] != 1: style = style.expand(mask.shape[0], -1, -1)
-    if style.shape[0] != mask.shape[0]: raise ValueError(f"style batch {style.shape[0]} vs mask batch {mask.shape[0]}")
+    if style.shape[0] not in (1, mask.shape[0]): raise ValueError(f"style batch {style.shape[0]} vs mask batch {mask.shape[0]}")
     with _eval_mode(dec):
         return (dec(mask, style, generator) + 1) / 2
 

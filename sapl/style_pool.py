@@ -10,29 +10,71 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .data import Volume, LabeledSlices, log, resolve
-from .sean import SEAN, SEAN_PROFILES, train_sean, load_sean, synthesize, encode_style, semantic_mask
+import torch.nn as nn
+from .data import Volume, LabeledSlices, log, resolve, atomic_path, HU_WINDOW
+import hashlib, json, functools
+from contextlib import contextmanager
+from dataclasses import replace
+from .sean import SEAN, SEAN_PROFILES, SeanConfig, config_dict, train_sean, load_sean, synthesize, encode_style, semantic_mask
 
 # %% auto #0
-__all__ = ['sean_dir', 'ensure_sean', 'StylePool', 'semantic_np', 'reference_code', 'sample_reference', 'pseudo_layout',
-           'synthesize_pseudo', 'self_style', 'perturb_label']
+__all__ = ['NOISE_GRAIN', 'FIDELITY_REGIONS', 'FIDELITY_COLUMNS', 'sean_tag', 'sean_dir', 'ensure_sean', 'sean_lock',
+           'check_sean', 'split_synthesizer', 'StylePool', 'semantic_np', 'reference_code', 'sample_reference',
+           'pseudo_layout', 'ct_noise_like', 'composite', 'synthesize_pseudo', 'self_style', 'perturb_label',
+           'fidelity_set', 'pooled_dsc', 'segmenter_gap', 'roc_auc', 'c2st_auc', 'region_wasserstein',
+           'update_fidelity_report', 'gain_vs_fidelity']
 
 # %% ../nbs/03_style_pool.ipynb #6d91fb6c
-def sean_dir(out_dir, dataset: str, profile: str, ratio: float, seed: int = 0) -> Path:
-    return resolve(out_dir)/dataset/profile/f'r{ratio:g}'/'sean'/f's{seed}'
+def sean_tag(cfg: SeanConfig) -> str:
+    "Folder name of a synthesizer configuration: its name and a hash of every setting."
+    return f"{cfg.name}-{hashlib.sha1(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest()[:8]}"
+
+def sean_dir(out_dir, dataset: str, profile: str, ratio: float, seed: int = 0, cfg: SeanConfig|None = None) -> Path:
+    cfg = cfg or SEAN_PROFILES[profile]
+    return resolve(out_dir)/dataset/profile/f'r{ratio:g}'/'sean'/sean_tag(cfg)/f's{seed}'
 
 def ensure_sean(labeled: list, # labeled Volumes of the split
                 out_dir, dataset: str, profile: str, ratio: float, seed: int = 0, epochs: int|None = None,
-                device='cpu', verbose: bool = True) -> SEAN:
+                device='cpu', verbose: bool = True,
+                cfg: SeanConfig|None = None, # None: the profile's synthesizer
+               ) -> SEAN:
     "The trained synthesizer of a split; trained here first when its checkpoint is missing or unfinished."
-    d = sean_dir(out_dir, dataset, profile, ratio, seed); cfg = SEAN_PROFILES[profile]
-    n_ep = cfg.epochs if epochs is None else epochs
-    ck = d/'last.pt'
-    done = ck.exists() and torch.load(ck, map_location='cpu', weights_only=True)['epoch'] >= n_ep
+    cfg = cfg or SEAN_PROFILES[profile]
+    if epochs is not None: cfg = replace(cfg, epochs=epochs)
+    d = sean_dir(out_dir, dataset, profile, ratio, seed, cfg); ck = d/'last.pt'
+    done = ck.exists() and torch.load(ck, map_location='cpu', weights_only=True)['epoch'] >= cfg.epochs
     if not done:
-        log.info(f"synthesizer for {dataset}/{profile}/r{ratio:g} not found in {d}: training SEAN ({n_ep} epochs) ...")
-        return train_sean(cfg, LabeledSlices(labeled, augment=True, seed=seed), d, seed=seed, epochs=n_ep, device=device, verbose=verbose)
+        log.info(f"synthesizer for {dataset}/{profile}/r{ratio:g} not found in {d}: training SEAN "
+              f"({cfg.epochs} x {cfg.iters_per_epoch or 'all'} iterations) ...")
+        return train_sean(cfg, LabeledSlices(labeled, augment=True, seed=seed), d, seed=seed, device=device, verbose=verbose)
     return load_sean(ck, device)
+
+@contextmanager
+def sean_lock(d: Path):
+    "Exclusive lock on a synthesizer folder while it is trained or loaded (no-op where `fcntl` is missing)."
+    d.mkdir(parents=True, exist_ok=True)
+    try: import fcntl
+    except ImportError: yield; return
+    with open(d/'.lock', 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+def check_sean(name: str|None) -> str|None:
+    "A method's option `sean`: None (the run profile's synthesizer) or a name in `SEAN_PROFILES`."
+    if name is not None and name not in SEAN_PROFILES: raise ValueError(f"sean must be None or one of {sorted(SEAN_PROFILES)}, got {name!r}")
+    return name
+
+def split_synthesizer(labeled: list, # labeled Volumes of the split
+                      run,            # the segmentation run's RunConfig (out_dir, dataset, profile, ratio, device)
+                      seed: int = 0,  # synthesizer seed (option `sean_seed`)
+                      sean: str|None = None, # option `sean`: a name in SEAN_PROFILES; None: the run profile's
+                      verbose: bool = True) -> SEAN:
+    "The frozen synthesizer a run uses: loaded, or trained first under a lock (parallel runs of a split train it once)."
+    cfg = SEAN_PROFILES[check_sean(sean) or run.profile]
+    with sean_lock(sean_dir(run.out_dir, run.dataset, run.profile, run.ratio, seed, cfg)):
+        gen = ensure_sean(labeled, run.out_dir, run.dataset, run.profile, run.ratio, seed, device=run.device, verbose=verbose, cfg=cfg)
+    return gen.eval().requires_grad_(False)
 
 # %% ../nbs/03_style_pool.ipynb #afdd62ca
 @dataclass
@@ -85,9 +127,65 @@ def pseudo_layout(lung: torch.Tensor,   # [B,H,W] long {0,1,2}
     "Semantic layout of a pseudo-label: lungs with the pseudo-infection painted as class 3."
     return semantic_mask(lung, pseudo.float())
 
-def synthesize_pseudo(gen, lung: torch.Tensor, pseudo: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-    "x̂ = Dec(y^p, SC_ref) for a batch (Eq. 3): [B,1,H,W] in [0,1]."
-    return synthesize(gen, pseudo_layout(lung, pseudo), style)
+NOISE_GRAIN = (0.0, 0.35, 0.7, 1.0, 1.4, 2.0)   # candidate blur c (px) of the noise model (Eq. 3c)
+
+def _blur(t: torch.Tensor, s: float) -> torch.Tensor: # [B,1,H,W] -> same, separable Gaussian of s px, reflected borders
+    if s <= 0: return t
+    r = int(3 * s + .5); x = torch.arange(-r, r + 1, dtype=t.dtype, device=t.device); k = torch.exp(-x**2 / (2 * s * s)); k = k / k.sum()
+    t = F.conv2d(F.pad(t, (r, r, 0, 0), mode='reflect'), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(t, (0, 0, r, r), mode='reflect'), k.view(1, 1, -1, 1))
+
+def _robust_sd(v: torch.Tensor) -> torch.Tensor: return 1.4826 * (v - v.median()).abs().median()
+
+@functools.lru_cache(maxsize=None)
+def _grain_table() -> tuple:
+    "For each grain c: (ratio sigma_1/2 / sigma_1, sigma_1) of the blurred unit white field G_c * w."
+    w = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = []
+    for c in NOISE_GRAIN:
+        f = _blur(w, c); s1 = float((f - _blur(f, 1.)).std()); out.append((float((f - _blur(f, .5)).std()) / s1, s1))
+    return tuple(out)
+
+def ct_noise_like(real: torch.Tensor,      # [B,1,H,W] real slices in [0,1]
+                  synthetic: torch.Tensor, # [B,1,H,W] decoded slices
+                  region: torch.Tensor,    # [B,H,W] bool M: where the noise is measured and added
+                  generator: torch.Generator|None = None,
+                 ) -> torch.Tensor:        # [B,1,H,W] noise n of Eq. 3c (0 outside M and on slices with < 20 pixels in M)
+    "Noise with the level and grain of each real slice inside M, less what the decoded slice already has (Eq. 3c)."
+    real, synthetic = real.to(synthetic), synthetic
+    h = lambda t, a: t - _blur(t, a)
+    r1, r05, s1 = h(real, 1.), h(real, .5), h(synthetic, 1.)
+    w = torch.randn(synthetic.shape, generator=generator, dtype=synthetic.dtype).to(synthetic.device)
+    table, n = _grain_table(), torch.zeros_like(synthetic)
+    for i in range(len(real)):
+        m = region[i].to(synthetic.device)
+        if int(m.sum()) < 20: continue
+        sd = _robust_sd(r1[i, 0][m]); ratio = float(_robust_sd(r05[i, 0][m]) / sd.clamp_min(1e-8))
+        k = min(range(len(table)), key=lambda j: abs(table[j][0] - ratio))
+        level = (sd**2 - _robust_sd(s1[i, 0][m])**2).clamp_min(0).sqrt()
+        n[i, 0] = torch.where(m, _blur(w[i:i+1], NOISE_GRAIN[k])[0, 0] * level / table[k][1], 0.)
+    return n
+
+def composite(synthetic: torch.Tensor, # [B,1,H,W] Dec(m, SC)
+              real: torch.Tensor,      # [B,1,H,W] the real slices the layouts belong to
+              layout: torch.Tensor,    # [B,H,W] long semantic layout m
+              noise: bool = True,      # add CT noise matched to the real slice (Eq. 3c)
+              generator: torch.Generator|None = None,
+             ) -> torch.Tensor:        # [B,1,H,W] in [0,1]
+    "M * (synthetic + n) + (1 - M) * real with M = [m > 0]: only lungs and infection are synthesized (Eq. 3b, 3c)."
+    M = layout.to(synthetic.device) > 0
+    if noise: synthetic = (synthetic + ct_noise_like(real, synthetic, M, generator)).clamp(0, 1)
+    return torch.where(M[:, None], synthetic, real.to(synthetic))
+
+def synthesize_pseudo(gen, lung: torch.Tensor, # [B,H,W] long {0,1,2}
+                      pseudo: torch.Tensor,    # [B,1,H,W] {0,1}
+                      style: torch.Tensor,     # [1,s,d] SC_ref or [B,s,d] codes
+                      background: torch.Tensor|None = None, # [B,1,H,W] real slices kept outside the lungs (Eq. 3b); None: Eq. 3
+                      generator: torch.Generator|None = None, # source of the noise of Eq. 3c
+                     ) -> torch.Tensor:        # [B,1,H,W] in [0,1]
+    "x̂ = Dec(y^p, SC_ref) for a batch (Eq. 3), or its lungs pasted into the real slices (Eq. 3b)."
+    m = pseudo_layout(lung, pseudo); x = synthesize(gen, m, style)
+    return x if background is None else composite(x, background, m, generator=generator)
 
 @torch.no_grad()
 def self_style(gen, image: torch.Tensor, lung: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
@@ -116,3 +214,148 @@ def perturb_label(label: np.ndarray, # [H,W] {0,1}
             out[((yy - ys[k])**2 + (xx - xs[k])**2 <= rad**2) & (lung > 0)] = 1
         return out
     raise ValueError(f"kind must be 'fp', 'fn' or 'acc', got {kind!r}")
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a004
+@torch.no_grad()
+def fidelity_set(gen, pool: StylePool, vols: list, K: int = 10, seed: int = 0, noise: bool = False, batch: int = 64,
+                 background: bool = True, # the twin keeps the real slice outside the lungs (Eq. 3b); False: Eq. 3
+                 ct_noise: bool = True,   # with `background`: add the matched noise of Eq. 3c
+                ) -> dict:
+    "Real slices of `vols` and their synthetic twins Dec(m, SC_ref), one reference code per slice (Eq. 2-3, 3b)."
+    ds = LabeledSlices(vols)
+    x, y, lung = ds.image[:, None], ds.label[:, None], ds.lung
+    sem = semantic_mask(lung, y)
+    g = torch.Generator().manual_seed(seed)
+    sc = torch.cat([sample_reference(pool, K, g)[0] for _ in range(len(x))])
+    gn = torch.Generator().manual_seed(seed + 1) if noise else None
+    syn = torch.cat([synthesize(gen, sem[i:i+batch], sc[i:i+batch], gn).cpu() for i in range(0, len(x), batch)])
+    if background: syn = composite(syn, x, sem, ct_noise, torch.Generator().manual_seed(seed + 2))
+    group = torch.cat([torch.full((len(v.z),), k) for k, v in enumerate(vols)])
+    return {'image': x, 'label': y, 'sem': sem, 'synthetic': syn, 'group': group}
+
+def pooled_dsc(pred: torch.Tensor, # [N,1,H,W] bool
+               y: torch.Tensor,    # [N,1,H,W] {0,1}
+              ) -> float:
+    "Pooled Dice over all slices (Eq. F1)."
+    y = y > 0.5
+    return float(2 * (pred & y).sum() / (pred.sum() + y.sum()).clamp_min(1))
+
+def segmenter_gap(predict, fs: dict, batch: int = 64) -> dict:
+    "DSC of a U-Net on real slices and on their synthetic twins, and the gap (Eq. F1); `predict` maps [B,1,H,W] -> probabilities."
+    p = lambda t: torch.cat([predict(t[i:i+batch]) for i in range(0, len(t), batch)]) >= 0.5
+    real, syn = pooled_dsc(p(fs['image']), fs['label']), pooled_dsc(p(fs['synthetic']), fs['label'])
+    return {'dsc_real': real, 'dsc_synthetic': syn, 'dsc_gap': real - syn}
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a006
+def roc_auc(score: np.ndarray,  # [N] classifier scores
+            label: np.ndarray,  # [N] 1 = synthetic, 0 = real
+           ) -> float:
+    "Area under the ROC curve as the Mann-Whitney statistic (Eq. F2), ties counted one half."
+    from scipy.stats import rankdata
+    score, label = np.asarray(score, float), np.asarray(label).astype(bool)
+    n1, n0 = label.sum(), (~label).sum()
+    if n1 == 0 or n0 == 0: raise ValueError("roc_auc needs both classes")
+    return float((rankdata(score)[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+def _c2st_net() -> nn.Module:
+    c = lambda i, o: [nn.Conv2d(i, o, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*c(1, 8), *c(8, 16), *c(16, 32), *c(32, 32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 1))
+
+def c2st_auc(fs: dict, seed: int = 0, iters: int = 400, batch: int = 32) -> float:
+    "Classifier two-sample test (Eq. F2): a small CNN trained on the slices of the even volumes, ROC AUC on the odd ones."
+    x = torch.cat([fs['image'], fs['synthetic']]); lab = torch.cat([torch.zeros(len(fs['image'])), torch.ones(len(fs['synthetic']))])
+    grp = torch.cat([fs['group'], fs['group']])
+    tr, te = grp % 2 == 0, grp % 2 == 1
+    if not tr.any() or not te.any(): raise ValueError("c2st_auc needs slices from at least two volumes")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed); net = _c2st_net(); opt = torch.optim.Adam(net.parameters(), 1e-3)
+        xt, yt = x[tr], lab[tr]; g = torch.Generator().manual_seed(seed)
+        for _ in range(iters):
+            i = torch.randint(len(xt), (batch,), generator=g)
+            xb = torch.where(torch.rand(batch, 1, 1, 1, generator=g) < .5, xt[i], xt[i].flip(-1))   # left-right flips
+            loss = F.binary_cross_entropy_with_logits(net(xb)[:, 0], yt[i])
+            opt.zero_grad(); loss.backward(); opt.step()
+        with torch.no_grad(): s = torch.cat([net(x[te][j:j+256])[:, 0] for j in range(0, int(te.sum()), 256)])
+    return roc_auc(s.numpy(), lab[te].numpy())
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a008
+FIDELITY_REGIONS = {'background': (0,), 'lungs': (1, 2), 'infection': (3,)}
+
+def region_wasserstein(fs: dict, window: tuple = HU_WINDOW, max_pixels: int = 200_000, seed: int = 0) -> dict:
+    "W1 distance in HU between real and synthetic intensities inside each region (Eq. F3); NaN for an absent region."
+    from scipy.stats import wasserstein_distance
+    r = np.random.default_rng(seed); out = {}
+    real, syn, sem = fs['image'][:, 0].numpy(), fs['synthetic'][:, 0].numpy(), fs['sem'].numpy()
+    for name, classes in FIDELITY_REGIONS.items():
+        inside = np.isin(sem, classes)
+        a, b = real[inside], syn[inside]
+        if len(a) > max_pixels: k = r.choice(len(a), max_pixels, replace=False); a, b = a[k], b[k]
+        out[f'w1_{name}_hu'] = (window[1] - window[0]) * wasserstein_distance(a, b) if len(a) else float('nan')
+    return out
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a010
+FIDELITY_COLUMNS = {'synthesizer': 'synthesizer', 'mode': 'synthesized', 'iterations': 'G iters', 'train_min': 'train min', 'dsc_real': 'DSC real',
+                    'dsc_synthetic': 'DSC synth', 'dsc_gap': 'DSC gap', 'c2st_auc': 'C2ST AUC', 'w1_background_hu': 'W1 bg (HU)',
+                    'w1_lungs_hu': 'W1 lungs (HU)', 'w1_infection_hu': 'W1 infection (HU)'}
+
+def update_fidelity_report(row: dict, path, note: str = '') -> 'pd.DataFrame':
+    "Insert or replace the row of (`row['synthesizer']`, `row['mode']`) in `path`.csv and rewrite the Markdown table `path` (atomically)."
+    import pandas as pd
+    path = Path(path); csv = path.with_suffix('.csv')
+    df = pd.read_csv(csv) if csv.exists() else pd.DataFrame(columns=list(FIDELITY_COLUMNS))
+    row = {'mode': '', **row}
+    if 'mode' not in df: df['mode'] = ''
+    df['mode'] = df['mode'].fillna('')
+    keep = (df.synthesizer != row['synthesizer']) | (df['mode'] != row['mode'])
+    df = pd.concat([df[keep], pd.DataFrame([row])], ignore_index=True)
+    df = df[[c for c in FIDELITY_COLUMNS if c in df] + [c for c in df if c not in FIDELITY_COLUMNS]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(csv) as tmp: df.to_csv(tmp, index=False)
+    show = df[[c for c in FIDELITY_COLUMNS if c in df]].rename(columns=FIDELITY_COLUMNS)
+    head = ["# Synthesis fidelity", "", note, "",
+            "DSC: pooled Dice of a U-Net trained on the real labeled slices, on real test slices and on their synthetic "
+            "twins Dec(m, SC_ref) (gap = real - synthetic, Eq. F1). C2ST AUC: held-out ROC area of a small CNN telling real "
+            "from synthetic slices (0.5 = indistinguishable, Eq. F2). W1: Wasserstein distance of the intensities inside "
+            "each region, in HU (Eq. F3). Written by nbs/03_style_pool.ipynb.", ""]
+    fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
+    lines = ['| ' + ' | '.join(show.columns) + ' |', '|' + '---|' * show.shape[1]]
+    lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in show.itertuples(index=False)]
+    with atomic_path(path) as tmp: open(tmp, 'w').write('\n'.join(head + lines) + '\n')
+    return df
+
+# %% ../nbs/03_style_pool.ipynb #f1d0a013
+def gain_vs_fidelity(per_seed: 'pd.DataFrame', # columns variant, seed, dsc (one split and ratio)
+                     levels: dict,              # {SA-CPS variant: (synthesizer tag, mode)}: its row of the fidelity table
+                     fidelity: 'pd.DataFrame',  # synthesis_fidelity.csv
+                     path=None,                 # figure file (PNG); None: no figure
+                     baseline: str = 'cps', metric: str = 'dsc_gap', min_seeds: int = 5) -> 'pd.DataFrame':
+    "Paired gains over `baseline` per fidelity level with 95 % t-intervals (Eq. F4); a seaborn figure at `path`."
+    import pandas as pd
+    from scipy import stats
+    base = per_seed[per_seed.variant == baseline].groupby('seed').dsc.mean()
+    fid = fidelity.assign(mode=fidelity['mode'].fillna('') if 'mode' in fidelity else '').set_index(['synthesizer', 'mode'])[metric]
+    pts = []
+    for v, key in levels.items():
+        key = tuple(key) if isinstance(key, (tuple, list)) else (key, '')
+        d = per_seed[per_seed.variant == v].groupby('seed').dsc.mean()
+        seeds = d.index.intersection(base.index)
+        if len(seeds) < min_seeds: raise ValueError(f"{v}: {len(seeds)} seeds paired with {baseline}, need >= {min_seeds}")
+        if key not in fid.index: raise ValueError(f"{key}: not in the fidelity table")
+        pts += [{'variant': v, 'synthesizer': ' / '.join(k for k in key if k), metric: float(fid[key]), 'seed': int(s), 'gain': float(d[s] - base[s])} for s in seeds]
+    pts = pd.DataFrame(pts)
+    g = pts.groupby(['variant', 'synthesizer', metric]).gain
+    summ = g.agg(['count', 'mean', 'std']).reset_index()
+    half = stats.t.ppf(0.975, summ['count'] - 1) * summ['std'] / np.sqrt(summ['count'])
+    summ['ci_lo'], summ['ci_hi'] = summ['mean'] - half, summ['mean'] + half
+    if path is not None:
+        import seaborn as sns
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(5, 3.6)); ax = fig.subplots()
+        sns.stripplot(data=pts, x=metric, y='gain', hue='variant', native_scale=True, jitter=False, alpha=.5, ax=ax, legend=False)
+        ax.errorbar(summ[metric], summ['mean'], yerr=[summ['mean'] - summ.ci_lo, summ.ci_hi - summ['mean']], fmt='o', color='k', capsize=4)
+        ax.axhline(0, color='grey', lw=.8, ls='--')
+        ax.set_xlabel({'dsc_gap': 'segmenter DSC gap (real - synthetic)', 'c2st_auc': 'C2ST AUC'}.get(metric, metric))
+        ax.set_ylabel(f'DSC gain over {baseline.upper()} (paired)'); ax.set_title('gain vs synthesis fidelity', fontsize=10)
+        fig.tight_layout(); path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=120)
+    return summ

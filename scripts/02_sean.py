@@ -30,7 +30,7 @@ import tempfile
 # %%
 #| export
 from __future__ import annotations
-import os, csv, math, time, random
+import os, csv, copy, math, time, random
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -52,8 +52,17 @@ from sapl.data import atomic_path, log
 # `paper` reproduces SEAN's generator at 512 px (blocks 16-16-16-8-4-2-1 × 64 channels, five
 # upsamplings, 16 × 16 input, style dimension $d=512$, two 4-layer discriminators with 64 base
 # channels, 50 epochs at a constant learning rate as SEAN's default schedule); `quick` is a CPU
-# profile at 64 px (style dimension 64, four residual blocks of 64-64-32-16 channels); `smoke` is a
-# tiny one for tests.
+# profile at 64 px (style dimension 64, four residual blocks of 32-16-8-4 channels at 8, 16, 32 and
+# 64 px, region-wise modulation, see below); `smoke` is a tiny one for tests.
+#
+# **Why the quick generator is this small.** SA-CPS decodes $2B$ layouts every iteration, so the decoder's cost
+# is paid on top of the two U-Nets. With the SEAN-style convolutional mask branch (`modulation='spade'`) and
+# 64-64-32-16 channels the decoder took 13.6 GFLOP for 16 images at 64 px, about as long as a whole CPS iteration
+# (16 images through the U-Net are 1.2 GFLOP forward); 80 % of it is the mask branch (3×3 convs from 32 hidden
+# channels at every normalisation). The quick profile therefore uses one $(\gamma, \beta)$ pair per region
+# (`modulation='class'`, Eq. S3c below, the class-adaptive normalisation of CLADE, Tan et al. 2021, applied to
+# SEAN's region-wise blend) and 32-16-8-4 channels: 0.27 GFLOP for 16 images. The measured cost and the fidelity
+# of this choice are in `04_sacps` (timing) and `03_style_pool` (fidelity).
 #
 # Losses: SEAN trains with hinge GAN + 10 × discriminator feature matching + 10 × VGG19 perceptual.
 # The VGG term needs ImageNet weights, which cannot be downloaded here, so it is **off unless
@@ -79,13 +88,16 @@ class SeanConfig:
     g_up: tuple = (0, 1, 1, 1)       # per block: 1 = x2 nearest upsampling before it
     style_in_last: bool = False      # SEAN: the last block is mask-only (SPADE) modulated
     spade_hidden: int = 32           # hidden width of the mask (SPADE) branch
+    spade_kernel: int = 3            # kernel of its gamma/beta convs (1: pointwise)
+    modulation: str = 'spade'        # 'spade': conv mask branch (Eq. S3); 'class': one (gamma, beta) per region (Eq. S3c)
     norm: str = 'batch'              # parameter-free norm of the generator: 'batch' | 'instance'
     ndf: int = 32                    # discriminator base width
     n_layers_d: int = 3              # conv layers per PatchGAN (before the 1-channel head)
     num_d: int = 2                   # number of discriminator scales
     batch: int = 8
     epochs: int = 30
-    iters_per_epoch: int|None = None # None: one pass over the labeled slices
+    iters_per_epoch: int|None = None # None: one pass over the labeled slices; else a fixed number (budget = epochs x iters_per_epoch)
+    ema: float = 0.                  # decay of the generator's moving average used for synthesis (0: none)
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     betas: tuple = (0.0, 0.9)
@@ -101,11 +113,14 @@ class SeanConfig:
 SEAN_PROFILES = {
     'smoke': SeanConfig('smoke', size=32, style_dim=8, enc_ngf=4, ngf=4, g_mults=(4, 2, 1), g_up=(0, 1, 1),
                         spade_hidden=8, ndf=8, n_layers_d=2, num_d=2, batch=4, epochs=2),
-    'quick': SeanConfig('quick', iters_per_epoch=30),  # a fixed budget of 900 iterations, whatever the labeled set's size
+    'quick': SeanConfig('quick', modulation='class', ngf=4, g_mults=(8, 4, 2, 1), epochs=40, iters_per_epoch=50, ema=0.995),
+    'quick-spade': SeanConfig('quick-spade', iters_per_epoch=30),  # the first quick generator: conv mask branch, 64-64-32-16 channels, 900 iterations
     'paper': SeanConfig('paper', size=512, style_dim=512, enc_ngf=32, ngf=64, g_mults=(16, 16, 16, 8, 4, 2, 1),
                         g_up=(0, 1, 0, 1, 1, 1, 1), spade_hidden=128, ndf=64, n_layers_d=4, num_d=2,
                         batch=8, epochs=50),
 }
+# shorter training budgets of the quick synthesizer (fidelity levels of the dose-response experiment, 03_style_pool)
+SEAN_PROFILES.update({f'quick-b{n}': replace(SEAN_PROFILES['quick'], name=f'quick-b{n}', epochs=n // 50) for n in (250, 1000)})
 
 # %%
 test_eq(SEAN_PROFILES['paper'].size // 2**SEAN_PROFILES['paper'].n_up, 16)
@@ -141,7 +156,7 @@ def one_hot_mask(sem: torch.Tensor, # [B,H,W] long in [0,s)
                 ) -> torch.Tensor:  # [B,s,H,W] float
     "One-hot encoding $M$ of a semantic mask (Eq. S1); a float [B,s,H,W] input is returned as is."
     if sem.is_floating_point() and sem.dim() == 4: return sem
-    return F.one_hot(sem.long(), n_classes).permute(0, 3, 1, 2).float()
+    return (sem.long()[:, None] == torch.arange(n_classes, device=sem.device)[None, :, None, None]).float()
 
 
 # %%
@@ -268,6 +283,19 @@ test_eq(_sc.shape, (2, 4, 16)); test_eq(_sc[:, 3].abs().sum().item(), 0)
 # channels: $d/s$ = 16 (quick) to 128 (paper) times fewer multiply-adds for the dominant term, the
 # same numbers. It runs as one batched matrix product of the per-sample kernels with the unfolded
 # 3×3 neighbourhoods of $M$. `style_map` keeps the direct form of $S$; the check below compares the two.
+# When one code is shared by the whole batch (the reference code $SC_{ref}$ of Eq. 2), the per-sample kernels are
+# one kernel and the term is a single `conv2d` on $M$.
+#
+# **Region-wise (class-adaptive) modulation** (`modulation='class'`). With 1×1 instead of 3×3 convolutions in both
+# branches, $\gamma$ and $\beta$ are constant inside each region:
+#
+# $$ \gamma(p) = \sum_k M_k(p)\,\big[\alpha_\gamma\,(W^\gamma \mu_k + b^\gamma) + (1-\alpha_\gamma)\,(w^{\gamma,M}_k + b^{\gamma,M})\big],
+#    \quad \text{same for } \beta \tag{S3c} $$
+#
+# with $w^{\gamma,M}_k$ the $k$-th column of the mask branch's 1×1 conv; a table of $s$ vectors per layer is
+# broadcast into the regions (a 1×1 conv on $M$ for a shared code, a lookup otherwise). Boundaries are then shaped
+# by the main 3×3 convolutions only. In evaluation mode the batch-norm statistics are folded into the table
+# (`a * g + b` with $g = (1+\gamma)/\sqrt{\sigma^2+\epsilon}$, $b = \beta - \mu g$), so one multiply-add remains.
 #
 # Every step is batched over samples and regions (einsums, batched matrix products; no loop per region or sample).
 # Noise is drawn only in training mode (global RNG, seeded) or when a `torch.Generator` is passed;
@@ -280,22 +308,36 @@ def _norm2d(kind: str, ch: int) -> nn.Module:
     if kind == 'instance': return nn.InstanceNorm2d(ch, affine=False)
     raise ValueError(f"unknown norm {kind!r}: use 'batch' or 'instance'")
 
+def _region_lookup(t: torch.Tensor, # [B or 1, K, s] one K-vector per region
+                   m: torch.Tensor, # [B,s,h,w] one-hot mask
+                  ) -> torch.Tensor: # [B,K,h,w]: t[b, :, m[b,h,w]]
+    "Broadcast per-region vectors into their regions (a 1x1 conv on the one-hot mask when the table is shared)."
+    if t.shape[0] == 1: return F.conv2d(m, t[0][:, :, None, None])
+    lab = m.argmax(1) + t.shape[2] * torch.arange(len(m), device=m.device)[:, None, None]
+    return F.embedding(lab, t.transpose(1, 2).reshape(-1, t.shape[1])).permute(0, 3, 1, 2)
+
 class ACENorm(nn.Module):
     "Region-wise style + mask modulated normalisation (Eq. S3)."
-    def __init__(self, ch: int, n_classes: int, style_dim: int, hidden: int, norm: str = 'batch', use_style: bool = True):
+    def __init__(self, ch: int, n_classes: int, style_dim: int, hidden: int, norm: str = 'batch', use_style: bool = True,
+                 spade_kernel: int = 3, modulation: str = 'spade'):
         super().__init__()
-        self.use_style, self.n_classes = use_style, n_classes
+        if modulation not in ('spade', 'class'): raise ValueError(f"modulation must be 'spade' or 'class', got {modulation!r}")
+        self.use_style, self.n_classes, self.modulation = use_style, n_classes, modulation
         self.norm = _norm2d(norm, ch)
         self.noise_scale = nn.Parameter(torch.zeros(ch))
-        self.mask_shared = nn.Sequential(nn.Conv2d(n_classes, hidden, 3, padding=1), nn.ReLU())
-        self.mask_gamma = nn.Conv2d(hidden, ch, 3, padding=1)
-        self.mask_beta = nn.Conv2d(hidden, ch, 3, padding=1)
+        if modulation == 'spade':
+            self.mask_shared = nn.Sequential(nn.Conv2d(n_classes, hidden, 3, padding=1), nn.ReLU())
+            self.mask_gamma = nn.Conv2d(hidden, ch, spade_kernel, padding=spade_kernel // 2)
+            self.mask_beta = nn.Conv2d(hidden, ch, spade_kernel, padding=spade_kernel // 2)
+        else:
+            self.mask_gamma, self.mask_beta = nn.Conv2d(n_classes, ch, 1), nn.Conv2d(n_classes, ch, 1)
         if use_style:
             self.fc_w = nn.Parameter(torch.empty(n_classes, style_dim, style_dim))
             self.fc_b = nn.Parameter(torch.zeros(n_classes, style_dim))
             nn.init.xavier_normal_(self.fc_w, gain=0.02)
-            self.style_gamma = nn.Conv2d(style_dim, ch, 3, padding=1)
-            self.style_beta = nn.Conv2d(style_dim, ch, 3, padding=1)
+            k = 3 if modulation == 'spade' else 1
+            self.style_gamma = nn.Conv2d(style_dim, ch, k, padding=k // 2)
+            self.style_beta = nn.Conv2d(style_dim, ch, k, padding=k // 2)
             self.blend_gamma = nn.Parameter(torch.zeros(1))
             self.blend_beta = nn.Parameter(torch.zeros(1))
 
@@ -310,26 +352,56 @@ class ACENorm(nn.Module):
         if self.training or generator is not None:
             n = torch.randn(a.shape[0], 1, *a.shape[2:], generator=generator, device=a.device, dtype=a.dtype)
             a = a + n * self.noise_scale.view(1, -1, 1, 1)
+        if m.shape[2:] != a.shape[2:]: m = F.interpolate(m, size=a.shape[2:], mode='nearest')
+        if self.modulation == 'class': return self.class_modulate(a, m, style)
         a = self.norm(a)
-        m = F.interpolate(m, size=a.shape[2:], mode='nearest')
         h = self.mask_shared(m)
         gamma, beta = self.mask_gamma(h), self.mask_beta(h)
         if self.use_style:
             g_s, b_s = self.style_convs(m, style)
             ag, ab = torch.sigmoid(self.blend_gamma), torch.sigmoid(self.blend_beta)
-            gamma = ag * g_s + (1 - ag) * gamma
-            beta = ab * b_s + (1 - ab) * beta
+            gamma = torch.lerp(gamma, g_s, ag)
+            beta = torch.lerp(beta, b_s, ab)
         return torch.addcmul(beta, a, 1 + gamma)
 
-    def style_convs(self, m: torch.Tensor, style: torch.Tensor) -> tuple:
+    def class_table(self, style: torch.Tensor|None,  # [B,s,d] or [1,s,d]
+                   ) -> torch.Tensor:                # [B or 1, 2C, s]: (gamma; beta) of each region
+        "Eq. S3 with 1x1 convs: one (gamma, beta) pair per region (Eq. S3c)."
+        w = lambda a, b: torch.cat([a.weight, b.weight]).flatten(1)                       # [2C, s or d]
+        bias = lambda a, b: torch.cat([a.bias, b.bias])[:, None]
+        t = (w(self.mask_gamma, self.mask_beta) + bias(self.mask_gamma, self.mask_beta))[None]
+        if not self.use_style: return t
+        mu = F.relu(torch.einsum('bsd,sed->bse', style, self.fc_w) + self.fc_b)                   # [B,s,d]
+        ts = torch.einsum('cd,bsd->bcs', w(self.style_gamma, self.style_beta), mu) + bias(self.style_gamma, self.style_beta)
+        C = t.shape[1] // 2
+        alpha = torch.cat([torch.sigmoid(self.blend_gamma).expand(C), torch.sigmoid(self.blend_beta).expand(C)])[:, None]
+        return torch.lerp(t, ts, alpha)
+
+    def class_modulate(self, a: torch.Tensor,   # [B,C,h,w] activation (noise added)
+                       m: torch.Tensor,         # [B,s,h,w] one-hot mask at this resolution
+                       style: torch.Tensor|None) -> torch.Tensor:
+        "norm(a) * (1 + gamma[m]) + beta[m]; in eval mode the batch-norm statistics are folded into the table."
+        t, C, bn = self.class_table(style), a.shape[1], self.norm
+        if not self.training and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
+            g = torch.rsqrt(bn.running_var + bn.eps)[:, None] * (1 + t[:, :C])              # BN(a)(1+gamma)+beta = a g + b
+            gb = _region_lookup(torch.cat([g, t[:, C:] - bn.running_mean[:, None] * g], 1), m)
+            return torch.addcmul(gb[:, C:], a, gb[:, :C])
+        gb = _region_lookup(t, m)
+        return torch.addcmul(gb[:, C:], bn(a), 1 + gb[:, :C])
+
+    def style_convs(self, m: torch.Tensor,     # [B,s,h,w] one-hot mask at this resolution
+                    style: torch.Tensor,       # [B,s,d] per-sample codes, or [1,s,d] shared by the batch
+                   ) -> tuple:                 # (conv_gamma(S), conv_beta(S)), each [B,C,h,w]
         "Style terms (conv_gamma(S), conv_beta(S)) of Eq. S3, computed as Eq. S3b."
         B, s, h, w = m.shape
         mu = F.relu(torch.einsum('bsd,sed->bse', style, self.fc_w) + self.fc_b)            # [B,s,d]
         wt = torch.cat([self.style_gamma.weight, self.style_beta.weight])                  # [2C,d,3,3]
+        bias = torch.cat([self.style_gamma.bias, self.style_beta.bias])
+        if style.shape[0] == 1 and B > 1:                                                  # one code: one conv on M
+            return F.conv2d(m, torch.einsum('cdij,sd->csij', wt, mu[0]), bias, padding=1).chunk(2, 1)
         k = torch.einsum('cdij,bsd->bcsij', wt, mu).flatten(2)                             # [B,2C,s*9] per-sample kernels
         cols = F.unfold(m, 3, padding=1)                                                   # [B,s*9,h*w]
-        bias = torch.cat([self.style_gamma.bias, self.style_beta.bias])[None, :, None]
-        return torch.baddbmm(bias, k, cols).view(B, -1, h, w).chunk(2, 1)
+        return torch.baddbmm(bias[None, :, None], k, cols).view(B, -1, h, w).chunk(2, 1)
 
 
 # %% [markdown]
@@ -354,7 +426,7 @@ class SEANBlock(nn.Module):
     def __init__(self, fin: int, fout: int, cfg: SeanConfig, use_style: bool = True):
         super().__init__()
         fmid = min(fin, fout)
-        ace = lambda ch: ACENorm(ch, cfg.n_classes, cfg.style_dim, cfg.spade_hidden, cfg.norm, use_style)
+        ace = lambda ch: ACENorm(ch, cfg.n_classes, cfg.style_dim, cfg.spade_hidden, cfg.norm, use_style, cfg.spade_kernel, cfg.modulation)
         self.learned_shortcut = fin != fout
         g = cfg.init_gain
         self.norm_0, self.conv_0 = ace(fin), _sn(nn.Conv2d(fin, fmid, 3, padding=1), g)
@@ -382,16 +454,19 @@ class Decoder(nn.Module):
         self.conv_img = nn.Conv2d(ch[-1], 1, 3, padding=1)
 
     def forward(self, m: torch.Tensor,      # [B,H,W] long semantic mask, or [B,s,H,W] one-hot
-                style: torch.Tensor,        # [B,s,d] style code
+                style: torch.Tensor,        # [B,s,d] style codes, or [1,s,d] shared by the batch
                 generator: torch.Generator|None = None,
                ) -> torch.Tensor:           # [B,1,H,W] in [-1,1]
         m = one_hot_mask(m, self.cfg.n_classes).to(style.dtype)
         H, W = m.shape[-2:]; k = 2 ** self.cfg.n_up
         if H % k or W % k: raise ValueError(f"mask size {H}x{W} must be divisible by {k}")
-        x = self.fc(F.interpolate(m, size=(H // k, W // k), mode='nearest'))
+        if style.shape[0] not in (1, m.shape[0]): raise ValueError(f"style batch {style.shape[0]} vs mask batch {m.shape[0]}")
+        ms = m[:, :, ::k, ::k]                       # nearest downsampling by an integer factor = strided view
+        x = self.fc(ms)
         for up, blk in zip(self.cfg.g_up, self.blocks):
             if up: x = F.interpolate(x, scale_factor=2, mode='nearest')
-            x = blk(x, m, style, generator)
+            if ms.shape[-1] != x.shape[-1]: f = H // x.shape[-2]; ms = m[:, :, ::f, ::f]   # mask once per resolution
+            x = blk(x, ms, style, generator)
         return torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
 
 class SEAN(nn.Module):
@@ -415,9 +490,16 @@ _G = SEAN(_cfg).eval()
 _ace = _G.dec.blocks[0].norm_0; _M = one_hot_mask(torch.randint(0, 4, (2, 8, 8))); _st = torch.randn(2, 4, _cfg.style_dim)
 for _x, _y in zip(_ace.style_convs(_M, _st), (_ace.style_gamma(_ace.style_map(_M, _st)), _ace.style_beta(_ace.style_map(_M, _st)))):
     test_close(_x, _y, eps=1e-5)  # Eq. S3b == conv(S)
+for _x, _y in zip(_ace.style_convs(_M, _st[:1]), _ace.style_convs(_M, _st[:1].expand(2, -1, -1))): test_close(_x, _y, eps=1e-5)  # shared code
 _m = torch.randint(0, 4, (2, 32, 32))
 with torch.no_grad(): _y = _G(torch.rand(2, 1, 32, 32)*2-1, _m)
 test_eq(_y.shape, (2, 1, 32, 32)); assert _y.abs().max() <= 1
+# Eq. S3c (region-wise tables, batch norm folded in eval mode) == norm(a)(1 + sum_k M_k gamma_k) + sum_k M_k beta_k
+_c = ACENorm(6, 4, 8, 0, modulation='class'); _c.norm.running_mean.uniform_(-1, 1); _c.norm.running_var.uniform_(.5, 2)
+_c.blend_gamma.data.fill_(.7); _c.eval(); _a = torch.randn(2, 6, 8, 8)
+for _s in (_st[:, :, :8], _st[:1, :, :8]):
+    _t = _c.class_table(_s); _gb = torch.einsum('bks,bshw->bkhw', _t.expand(2, -1, -1), _M)
+    test_close(_c(_a, _M, _s), _c.norm(_a) * (1 + _gb[:, :6]) + _gb[:, 6:], eps=1e-5)
 
 
 # %% [markdown]
@@ -640,10 +722,10 @@ def make_optimizers(cfg: SeanConfig, G: nn.Module, D: nn.Module):
             torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=tuple(cfg.betas)))
 
 def load_sean(path, device='cpu') -> SEAN:
-    "Generator (encoder + decoder) from a `train_sean` checkpoint, in eval mode."
+    "Generator (encoder + decoder; its moving average when kept) from a `train_sean` checkpoint, in eval mode."
     st = load_checkpoint(path)
     G = SEAN(config_from_dict(st['config']))
-    G.load_state_dict(st['G'])
+    G.load_state_dict(st.get('G_ema', st['G']))   # the moving average of the generator when it was kept
     return G.to(device).eval()
 
 
@@ -671,6 +753,22 @@ def _sean_step(G, D, optG, optD, batch, cfg, vgg, device):
     optD.zero_grad(set_to_none=True); loss_d.backward(); optD.step()
     return {'g_adv': l_adv.item(), 'g_fm': l_fm.item(), 'g_l1': l_rec.item(), 'g_vgg': l_vgg.item(), 'd': loss_d.item()}
 
+def _epoch_batches(ds: Dataset, cfg: SeanConfig, seed: int, epoch: int):
+    "The batches of one epoch: shuffled passes seeded by (seed, epoch), `iters_per_epoch` batches (one pass when None)."
+    n = len(ds); iters = cfg.iters_per_epoch or max(n // cfg.batch, 1); it, k = 0, 0
+    while it < iters:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919 * k)   # k = 0: the first pass of every epoch
+        for batch in DataLoader(ds, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=n >= cfg.batch):
+            if it >= iters: break
+            yield batch; it += 1
+        k += 1
+
+@torch.no_grad()
+def _ema_update(avg: nn.Module, model: nn.Module, decay: float):
+    "Exponential moving average of the weights (buffers such as batch-norm statistics are copied)."
+    for a, p in zip(avg.parameters(), model.parameters()): a.lerp_(p, 1 - decay)
+    for a, b in zip(avg.buffers(), model.buffers()): a.copy_(b)
+
 def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
                labeled_dataset: Dataset, # items {'image' [1,S,S] in [0,1], 'label' [1,S,S], 'lung' [S,S] long, 'idx'}
                out_dir,                  # run folder: last.pt, log.csv
@@ -678,13 +776,14 @@ def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
                epochs: int|None = None,  # None: cfg.epochs
                device='cpu',
                verbose: bool = True,
-              ) -> SEAN:                 # trained generator in eval mode
-    "Train the synthesizer on labeled slices; checkpoint every epoch, resume from `last.pt`."
+              ) -> SEAN:                 # trained generator (its moving average when cfg.ema > 0) in eval mode
+    "Train the synthesizer on labeled slices for epochs x iters_per_epoch iterations; checkpoint every epoch, resume from `last.pt`."
     epochs = cfg.epochs if epochs is None else epochs
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     ckpt = out / 'last.pt'
     torch.manual_seed(seed); np.random.seed(seed); random.seed(seed)
     G, D = SEAN(cfg).to(device), MultiScaleDiscriminator(cfg).to(device)
+    G_ema = copy.deepcopy(G).requires_grad_(False) if cfg.ema > 0 else None
     optG, optD = make_optimizers(cfg, G, D)
     vgg = VGG19Features.from_file(cfg.vgg_weights, device) if cfg.vgg_weights else None
     start, history = 0, []
@@ -693,30 +792,28 @@ def train_sean(cfg: SeanConfig,          # architecture + optimisation settings
         if st['config'] != config_dict(cfg) or st['seed'] != seed:
             raise ValueError(f"{ckpt} belongs to another run (config or seed differ); use a new out_dir")
         G.load_state_dict(st['G']); D.load_state_dict(st['D'])
+        if G_ema is not None: G_ema.load_state_dict(st['G_ema'])
         optG.load_state_dict(st['optG']); optD.load_state_dict(st['optD'])
         set_rng_state(st['rng']); start, history = st['epoch'], list(st['history'])
         if verbose: log.info(f"SEAN: resuming {ckpt} at epoch {start}/{epochs}")
-    n = len(labeled_dataset)
-    if n == 0: raise ValueError("train_sean needs at least one labeled slice")
+    if len(labeled_dataset) == 0: raise ValueError("train_sean needs at least one labeled slice")
     for epoch in range(start, epochs):
         t0 = time.time()
         G.train(); D.train()
         if hasattr(labeled_dataset, 'set_epoch'): labeled_dataset.set_epoch(epoch)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        dl = DataLoader(labeled_dataset, batch_size=cfg.batch, shuffle=True, generator=g, drop_last=n >= cfg.batch)
         sums, k = {}, 0
-        for it, batch in enumerate(dl):
-            if cfg.iters_per_epoch is not None and it >= cfg.iters_per_epoch: break
+        for batch in _epoch_batches(labeled_dataset, cfg, seed, epoch):
             for key, v in _sean_step(G, D, optG, optD, batch, cfg, vgg, device).items(): sums[key] = sums.get(key, 0.) + v
+            if G_ema is not None: _ema_update(G_ema, G, cfg.ema)
             k += 1
         row = {'epoch': epoch + 1, **{key: v / max(k, 1) for key, v in sums.items()}, 'iters': k, 'seconds': time.time() - t0}
         history.append(row)
         save_checkpoint(ckpt, {'G': G.state_dict(), 'D': D.state_dict(), 'optG': optG.state_dict(), 'optD': optD.state_dict(),
-                     'rng': rng_state(), 'epoch': epoch + 1, 'seed': seed, 'config': config_dict(cfg),
-                     'history': history})
+                     'rng': rng_state(), 'epoch': epoch + 1, 'seed': seed, 'config': config_dict(cfg), 'history': history,
+                     **({'G_ema': G_ema.state_dict()} if G_ema is not None else {})})
         _write_csv(history, out / 'log.csv')
         if verbose: log.info('SEAN ' + ' '.join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()))
-    return G.eval()
+    return (G_ema if G_ema is not None else G).eval()
 
 
 # %% [markdown]
@@ -752,8 +849,7 @@ def synthesize(gen: nn.Module,       # SEAN or Decoder
     dec = getattr(gen, 'dec', gen)
     dev = _device(dec)
     mask, style = mask.to(dev).long(), style.to(dev).float()
-    if style.shape[0] == 1 and mask.shape[0] != 1: style = style.expand(mask.shape[0], -1, -1)
-    if style.shape[0] != mask.shape[0]: raise ValueError(f"style batch {style.shape[0]} vs mask batch {mask.shape[0]}")
+    if style.shape[0] not in (1, mask.shape[0]): raise ValueError(f"style batch {style.shape[0]} vs mask batch {mask.shape[0]}")
     with _eval_mode(dec):
         return (dec(mask, style, generator) + 1) / 2
 
@@ -984,10 +1080,9 @@ plt.tight_layout(); fig.savefig(sdir / 'reconstructions.png', dpi=100); plt.show
 # %% [markdown]
 # Region-wise control of the trained generator: replacing one region's style row, how much more
 # does a pixel inside that region change than one outside (`contrast`), and which share of the
-# change falls inside (first 32 held-out slices with infection, own styles). In the recorded run
-# (phantom, quick, ratio 0.1, seed 0) the contrast was 13 (background), 4.8 (left lung), 2.5 (right
-# lung) and 21 (infection): each row acts mostly on its region, the thin lung regions leak most,
-# through the low-resolution blocks (one 8 × 8 position covers 8 × 8 pixels).
+# change falls inside (first 32 held-out slices with infection, own styles). With region-wise modulation
+# (Eq. S3c) a style row acts only inside its region at every normalisation layer; the change leaks out only
+# through the 3×3 convolutions of the main path.
 
 # %%
 _sel = inf > 0
@@ -1022,19 +1117,11 @@ fidelity = pd.DataFrame({'real x': dsc_scores(unet, hx, hy),
 fidelity.to_csv(sdir / 'fidelity.csv'); fidelity
 
 # %% [markdown]
-# Recorded run (phantom, quick profile, ratio 0.1: 3 labeled volumes, 232 slices; seed 0; 30 epochs
-# of 29 iterations, 4.5 min on one CPU thread; 558 held-out test slices):
-#
-# | images segmented | DSC (pooled) | DSC (mean, slices with infection) |
-# |---|---|---|
-# | real $x$ | 0.81 | 0.73 |
-# | $Dec(m, Enc(x, m))$ | 0.57 | 0.48 |
-# | $Dec(m, SC_{ref})$ | 0.60 | 0.53 |
-#
-# A U-Net that never saw a synthetic image finds about 70 % of the real-image DSC in the synthetic
-# ones: the synthesizer paints recognisable infection where the mask asks for it, but at this CPU
-# budget (870 generator updates at 64 px; SEAN trains 50 epochs at full resolution) the images are
-# blurrier than real slices (mean absolute reconstruction error 0.11 in [0,1]).
+# The same segmenter test, with a second measure of realism (a classifier two-sample test) and intensity
+# distances per region, is computed for every synthesizer configuration by `03_style_pool` and collected in
+# `reports/synthesis_fidelity.md` (the earlier quick generator, with a convolutional mask branch and 64-64-32-16
+# channels trained for 870 generator updates, is the configuration `quick-spade`). The numbers above are those of the
+# configuration of this run.
 
 # %% [markdown]
 # ## Benchmark: batched synthesis vs one image at a time
@@ -1080,10 +1167,9 @@ print(f"{scfg.name} profile, {bm.shape[-1]} px, batch {B}, {torch.get_num_thread
 bench
 
 # %% [markdown]
-# On one CPU thread the batched call gains little over the loop (1.5-1.7x at batch 8 on the quick
-# profile in our phantom runs; 0.8-1.7x over repeated measurements on a shared machine) and needs
-# more memory (50-75 MB vs 11-14 MB extra): the generator is compute-bound, and at batch 8 its
-# 64 × 64 activations no longer fit in the CPU caches, which costs about what the loop's per-call
-# overhead does. The batched call is there for accelerators (one kernel launch per layer instead of
-# eight) and for the code that consumes it (a whole mini-batch of pseudo-labels at once); it gives
-# the same images as the loop (checked above).
+# On one CPU thread the batched call gains little over the loop: the decoder is compute-bound, and at batch 8 its
+# 64 × 64 activations no longer fit in the CPU caches, which costs about what the loop's per-call overhead does
+# (measured 1.5-1.7x at batch 8 with the earlier 64-64-32-16 decoder, which also needed 50-75 MB against 11-14 MB of
+# extra memory). The batched call is there for accelerators (one kernel launch per layer instead of eight) and for the
+# code that consumes it (a whole mini-batch of pseudo-labels at once); it gives the same images as the loop (checked
+# above). The numbers printed above are those of the current configuration.

@@ -14,12 +14,11 @@ from fastcore.test import test_eq, test_close, test_fail
 # %%
 #| export
 from __future__ import annotations
-from contextlib import contextmanager
 from pathlib import Path
 import torch
 from sapl.unet import l_seg, l_sup
 from sapl.train import Method, register, VARIANTS
-from sapl.style_pool import StylePool, ensure_sean, sean_dir, sample_reference, synthesize_pseudo, self_style
+from sapl.style_pool import StylePool, sean_lock, split_synthesizer, check_sean, sample_reference, synthesize_pseudo, self_style
 
 
 # %% [markdown]
@@ -59,17 +58,22 @@ assert not pseudo_labels(torch.zeros(1, 1, 1, 1, requires_grad=True)).requires_g
 # $\mathcal{SC}_{ref}$ is drawn once per iteration from the style pool (Eq. 2). Both synthetic batches come from one
 # decoder call on the $2B$ layouts (lungs of $x^u$ with the pseudo-infection painted in, Eq. 3); the synthesizer is
 # frozen. The synthetic image meant for $s_1$ carries the pseudo-label of $s_2$ and vice versa.
+# With option `composite` (default) only the lungs are decoded and each synthetic slice keeps the real unlabeled
+# slice outside them (Eq. 3b in `03_style_pool`): $\hat{x}_1 = M_2 \odot Dec(y_2^p, \mathcal{SC}_{ref}) + (1 - M_2) \odot x^u$.
 
 # %%
 #| export
 def cross_synthesize(gen, lung: torch.Tensor, # [B,H,W] lungs of the unlabeled batch
                      y1p: torch.Tensor, y2p: torch.Tensor, # [B,1,H,W] pseudo-labels of s1, s2
                      style: torch.Tensor,     # [1,s,d] SC_ref, or [B,s,d] per-image codes (Self Style)
+                     background: torch.Tensor|None = None, # [B,1,H,W] x^u kept outside the lungs (Eq. 3b); None: Eq. 3
+                     generator: torch.Generator|None = None, # source of the noise of Eq. 3c
                     ) -> tuple:               # (x̂1, x̂2), each [B,1,H,W]
     "x̂1 = Dec(y2p, SC_ref), x̂2 = Dec(y1p, SC_ref) in one batched call (Eq. 10)."
     B = len(lung)
     st = style if style.shape[0] == 1 else torch.cat([style, style])
-    x = synthesize_pseudo(gen, torch.cat([lung, lung]), torch.cat([y2p, y1p]), st)
+    bg = None if background is None else torch.cat([background, background])
+    x = synthesize_pseudo(gen, torch.cat([lung, lung]), torch.cat([y2p, y1p]), st, bg, generator)
     return x[:B], x[B:]
 
 
@@ -132,25 +136,11 @@ test_eq(l_unsup(torch.tensor(1.), torch.tensor(3.), use_pseudo=False), torch.ten
 
 # %%
 #| export
-@contextmanager
-def sean_lock(d: Path):
-    "Exclusive lock on a synthesizer folder while it is trained or loaded (no-op where `fcntl` is missing)."
-    d.mkdir(parents=True, exist_ok=True)
-    try: import fcntl
-    except ImportError: yield; return
-    with open(d/'.lock', 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
-
 class SynthesisSetup:
-    "Mixin of a `Method` with options `style`, `K`, `sean_seed`: the split's synthesizer, its style pool, SC_ref per iteration."
+    "Mixin of a `Method` with options `style`, `K`, `sean_seed`, `sean`, `composite`: the split's synthesizer, its style pool, SC_ref per iteration."
     def setup_synthesis(self, tr):
         "Load (or first train) the split's synthesizer, frozen, and build the style pool of option `style`."
-        c = self.cfg
-        with sean_lock(sean_dir(c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'])):
-            self.gen = ensure_sean(tr.data.train_l, c.out_dir, c.dataset, c.profile, c.ratio, self.o['sean_seed'], device=c.device,
-                                   verbose=tr.progress).to(tr.device).eval().requires_grad_(False)
+        self.gen = split_synthesizer(tr.data.train_l, self.cfg, self.o['sean_seed'], self.o.get('sean'), tr.progress).to(tr.device)
         self.pool = None if self.o['style'] == 'self' else StylePool.build(self.gen, tr.data.train_l, kind=self.o['style'])
 
     def reference(self, tr, xu, lung, yp) -> torch.Tensor:
@@ -160,11 +150,14 @@ class SynthesisSetup:
         sc, self.last_draw = sample_reference(self.pool, self.o['K'], g)
         return sc
 
+    def background(self, xu: torch.Tensor) -> torch.Tensor|None:
+        "The real slices kept outside the lungs of a synthetic image (option `composite`, Eq. 3b), or None (Eq. 3)."
+        return xu if self.o.get('composite', True) else None
 
-# %%
-import tempfile
-with tempfile.TemporaryDirectory() as _d:
-    with sean_lock(Path(_d)/'s0'): test_eq((Path(_d)/'s0'/'.lock').exists(), True)
+    def noise_generator(self, tr) -> torch.Generator:
+        "Seeded source of this iteration's noise (Eq. 3c), apart from the global stream the host method draws from."
+        return torch.Generator().manual_seed(self.cfg.seed*1_000_003 + tr.sched.last_epoch + 500_009)
+
 
 
 # %% [markdown]
@@ -184,12 +177,13 @@ class SACPS(SynthesisSetup, Method):
     name = 'sacps'
     n_models = 2
     unlabeled = True
-    defaults = dict(pseudo=True, synthetic=True, lam=0.5, tau=0.5, K=10, style='pos', sean_seed=0)
+    defaults = dict(pseudo=True, synthetic=True, lam=0.5, tau=0.5, K=10, style='pos', sean_seed=0, sean=None, composite=True)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         if not (self.o['pseudo'] or self.o['synthetic']): raise ValueError("at least one of pseudo/synthetic must be on")
         if self.o['style'] not in ('pos', 'all', 'self'): raise ValueError(f"style must be 'pos', 'all' or 'self', got {self.o['style']!r}")
+        check_sean(self.o['sean'])
         self.gen = self.pool = None; self.last_draw = None
 
     def setup(self, tr):
@@ -206,7 +200,7 @@ class SACPS(SynthesisSetup, Method):
         lp = l_pseudo(z1[B:], z2[B:], y1p, y2p) if o['pseudo'] else torch.zeros(())   # Eq. 11
         if o['synthetic']:
             sc = self.reference(tr, xu, bu['lung'], torch.maximum(y1p, y2p))
-            x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc)              # Eq. 10
+            x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc, self.background(xu), self.noise_generator(tr))   # Eq. 10 (3c)
             lsyn = l_synthetic(s1(x1), s2(x2), y1p, y2p)                              # Eq. 12
         else: lsyn = torch.zeros(())
         lu = l_unsup(lp, lsyn, o['pseudo'], o['synthetic'])                           # Eq. 13
@@ -223,11 +217,19 @@ class CPS(SACPS):
 # %% [markdown]
 # Named variants: Table II (`cps` = pseudo only, `sacps-synth` = synthetic only, `sacps` = both) and Fig. 8 (style
 # source of SA-CPS: `sacps-self` Self Style, `sacps-pooln` Pool (N), `sacps` Pool (N+)).
+# Dose-response (`03_style_pool`): `sacps-b250`, `sacps-b1000` use the quick synthesizer trained for 250 and 1000
+# generator iterations instead of 2000 (option `sean`, a name in `sapl.sean.SEAN_PROFILES`; `None` = the profile's).
+# `sacps-spade` is SA-CPS as first benchmarked here: the earlier quick synthesizer (`quick-spade`, a SEAN-style
+# convolutional mask branch) decoding the whole image (Eq. 3, `composite=False`). `sacps-whole` uses the quick synthesizer but decodes the whole
+# image (Eq. 3) instead of the lungs with matched noise (Eq. 3c).
 
 # %%
 #| export
 VARIANTS.update({'cps': ('cps', {}), 'sacps': ('sacps', {}), 'sacps-synth': ('sacps', {'pseudo': False}),
-                 'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'})})
+                 'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'}),
+                 **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000)},
+                 'sacps-whole': ('sacps', {'composite': False}),
+                 'sacps-spade': ('sacps', {'sean': 'quick-spade', 'composite': False})})
 
 # %% [markdown]
 # ## Run
@@ -288,7 +290,7 @@ bu = default_collate([tr.unlabeled[j] for j in np.linspace(0, len(tr.unlabeled) 
 xu, lung = bu['image'].to(tr.device), bu['lung'].to(tr.device)
 with torch.no_grad():
     y1p, y2p = (pseudo_labels(s(xu), m.o['tau']) for s in tr.models)
-    xs = cross_synthesize(m.gen, lung, y1p, y2p, m.reference(tr, xu, lung, torch.maximum(y1p, y2p))) if m.gen is not None else None
+    xs = cross_synthesize(m.gen, lung, y1p, y2p, m.reference(tr, xu, lung, torch.maximum(y1p, y2p)), m.background(xu), m.noise_generator(tr)) if m.gen is not None else None
 xu, y1p, y2p, xs = xu.cpu(), y1p.cpu(), y2p.cpu(), None if xs is None else [x.cpu() for x in xs]
 cols = [('unlabeled slice', xu, None), ('$y^p_1$ (from $s_1$)', xu, y1p), ('$y^p_2$ (from $s_2$)', xu, y2p)]
 if xs is not None: cols += [(r'$\hat{x}_1$ from $y^p_2$', xs[0], y2p), (r'$\hat{x}_2$ from $y^p_1$', xs[1], y1p)]
@@ -303,36 +305,90 @@ fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png'); Image(bu
 # %% [markdown]
 # ## Speed: one SA-CPS iteration vs one CPS iteration
 #
-# Both on the same batch (B labeled + B unlabeled), forward + backward + SGD step, after a warm-up; the two methods
-# alternate iteration by iteration and the medians are compared, so a change of machine load affects both alike. Then a
-# profile of where an SA-CPS iteration spends its time. Printed numbers, not a test.
+# Both on the same batch (B labeled + B unlabeled), forward + backward + SGD step, after a warm-up; the methods
+# alternate iteration by iteration and the medians are compared, so a change of machine load affects all alike.
+# Printed numbers, not a test. Then a profile of where an SA-CPS iteration spends its time.
+#
+# Beside them runs a **reference-style step**: the same networks, synthesizer and losses, organised the way the
+# official SASSL training script organises an iteration: the style code of every labeled image of the batch is
+# encoded anew, one image at a time, and kept in a list of codes with infection from which up to 10 are drawn and
+# averaged; the pseudo-labels come from an extra no-grad pass of each network in evaluation mode; every synthetic
+# image is one decoder call, preceded by an encoding of the unlabeled image (the official generator encodes its
+# input image on every call) and followed by a `.npy` write of that code (SEAN's test mode saves style codes to
+# disk); each network then sees $[x^l, \hat x, x^u]$ in one pass. Ours draws $\mathcal{SC}_{ref}$ from the pool
+# built once (Eq. 1-2), decodes the $2B$ layouts in one batched call and reuses the training pass for the
+# pseudo-labels (Eq. 9).
+#
+# **Why two U-Net passes per network.** A single pass over $[x^l, x^u, \hat x]$ needs the pseudo-labels before
+# that pass, hence an extra no-grad pass over $x^u$ (as in the official script), and its batch-norm statistics would
+# mix synthetic and real images. Measured on the quick profile (1 thread, alternated medians), that variant cost
+# 1.73-1.99× CPS against 1.51-1.74× for the two-pass step, so `train_step` keeps one pass over $[x^l, x^u]$ and a
+# second over $\hat x$. With the U-Nets alone (random images instead of $\hat x$, no decoder) the floor is
+# 1.44-1.56× CPS: the extra $B$ images per network.
 
 # %%
-import time, torch
-from sapl.train import Trainer, get_method
-from sapl.sacps import SACPS, CPS
+import time, statistics, random, tempfile, numpy as np, torch
+from pathlib import Path
+from sapl.train import Trainer
+from sapl.unet import l_seg
+from sapl.sean import SEAN, SEAN_PROFILES, encode_style, semantic_mask, synthesize
+from sapl.style_pool import pseudo_layout
+from sapl.sacps import SACPS, CPS, pseudo_labels
 
-def step(trainer, bl, bu):
-    trainer.opt.zero_grad(); trainer.method.train_step(trainer, bl, bu)['loss'].backward(); trainer.opt.step()
+def step(trainer, bl, bu, fn=None):
+    trainer.opt.zero_grad(); (fn or trainer.method.train_step)(trainer, bl, bu)['loss'].backward(); trainer.opt.step()
 
-def time_iterations(trainers: dict, bl, bu, n=10) -> dict:
-    "Median seconds per iteration of each trainer, measured alternately on the same batch."
-    import statistics
+def time_iterations(steps: dict, n=10) -> dict:
+    "Median seconds of each zero-argument step; the steps alternate within every round, after 2 warm-up rounds."
     for _ in range(2):
-        for t in trainers.values(): step(t, bl, bu)
-    times = {k: [] for k in trainers}
+        for f in steps.values(): f()
+    times = {k: [] for k in steps}
     for _ in range(n):
-        for k, t in trainers.items():
-            t0 = time.perf_counter(); step(t, bl, bu); times[k].append(time.perf_counter() - t0)
+        for k, f in steps.items():
+            t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+def reference_style_step(tr, bl, bu, npy_dir: Path, pos_codes: list) -> dict:
+    "One SA-CPS iteration organised like the official SASSL script (see the text above); same losses as ours."
+    gen, (s1, s2) = tr.method.gen, tr.models
+    xl, y, xu, lung, B = bl['image'], bl['label'], bu['image'], bu['lung'], len(bl['image'])
+    sem_l = semantic_mask(bl['lung'], y)
+    for i in range(B):                                           # every labeled code re-encoded, one image at a time
+        sc = encode_style(gen, xl[i:i+1], sem_l[i:i+1])
+        if sc[0, 3].abs().sum() > 0: pos_codes.append(sc)
+    draws = pos_codes if len(pos_codes) <= 10 else random.Random(tr.sched.last_epoch).choices(pos_codes, k=10)
+    sc_ref = torch.cat(draws or [sc]).mean(0, keepdim=True)
+    yp = []
+    for s in (s1, s2):                                           # pseudo-labels from an extra pass in eval mode
+        s.eval()
+        with torch.no_grad(): yp.append(pseudo_labels(s(xu)))
+        s.train()
+    xs = []
+    for p in (yp[1], yp[0]):                                     # one decoder call per image
+        lay = pseudo_layout(lung, p); out = []
+        for i in range(B):
+            own = encode_style(gen, xu[i:i+1], lay[i:i+1])
+            np.save(npy_dir/f'style_{i}.npy', own.cpu().numpy())
+            out.append(synthesize(gen, lay[i:i+1], sc_ref))
+        xs.append(torch.cat(out))
+    z1, z2 = s1(torch.cat([xl, xs[0], xu])), s2(torch.cat([xl, xs[1], xu]))
+    lo = lambda z, p: l_seg(z[:B], y) + 0.5*(l_seg(z[B:2*B], p) + l_seg(z[2*B:], p))
+    return {'loss': lo(z1, yp[1]) + lo(z2, yp[0])}
 
 if benchmark:
     n_rep = 2 if IN_TEST else 20
-    t_sa = Trainer(cfg.variant('sacps'), data, progress=False); t_cps = Trainer(cfg.variant('cps'), data, progress=False)
+    torch.set_num_threads(1)
+    t_sa, t_cps, t_ref, t_big = (Trainer(cfg.variant(v), data, progress=False) for v in ('sacps', 'cps', 'sacps', 'sacps'))
+    big = 'quick-spade' if cfg.profile == 'quick' else cfg.profile       # the previous, SEAN-style decoder
+    t_big.method.gen = SEAN(SEAN_PROFILES[big]).to(t_big.device).eval().requires_grad_(False)  # untrained: timing only
     bl, bu = t_sa.next_batch('labeled', t_sa.labeled), t_sa.next_batch('unlabeled', t_sa.unlabeled)
-    med = time_iterations({'sacps': t_sa, 'cps': t_cps}, bl, bu, n_rep); s_sa, s_cps = med['sacps'], med['cps']
-    print(f"{cfg.profile} profile, batch {len(bl['image'])}+{len(bu['image'])}, {torch.get_num_threads()} threads: "
-          f"SA-CPS {1000*s_sa:.1f} ms/iter, CPS {1000*s_cps:.1f} ms/iter, ratio {s_sa/s_cps:.2f}x")
+    npy_dir, pos = Path(tempfile.mkdtemp()), ([], [])
+    ref = lambda i: (lambda t, a, b: reference_style_step(t, a, b, npy_dir, pos[i]))
+    med = time_iterations({'SA-CPS': lambda: step(t_sa, bl, bu), 'CPS': lambda: step(t_cps, bl, bu),
+                           'reference-style': lambda: step(t_ref, bl, bu, ref(0)),
+                           f'reference-style, {big} decoder': lambda: step(t_big, bl, bu, ref(1))}, n_rep)
+    print(f"{cfg.profile} profile, batch {len(bl['image'])}+{len(bu['image'])}, {torch.get_num_threads()} thread(s), median of {n_rep}:")
+    for k, v in med.items(): print(f"  {k:36s} {1000*v:7.1f} ms/iter  {v/med['CPS']:5.2f}x CPS  {v/med['SA-CPS']:5.2f}x SA-CPS")
     from torch.profiler import profile, ProfilerActivity
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.profiler.record_function('sacps_iteration'):

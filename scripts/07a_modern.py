@@ -227,16 +227,18 @@ test_eq(largest_component(_y)[0, 0].sum(), 9.); test_eq(largest_component(torch.
 
 # %%
 #| export
-SYNTH_DEFAULTS = dict(synthetic=False, K=10, style='pos', sean_seed=0)  # the plug-in's options, off by default
+SYNTH_DEFAULTS = dict(synthetic=False, K=10, style='pos', sean_seed=0, sean=None, composite=True)  # the plug-in's options, off by default
 
 def l_synthetic_plugin(f, # the method's (student) network: [B,1,H,W] -> logits
                        gen, # the split's synthesizer
                        lung: torch.Tensor, # [B,H,W] lungs of the unlabeled batch
                        yp: torch.Tensor, # [B,1,H,W] {0,1} the method's pseudo-labels
                        sc: torch.Tensor, # [1,s,d] SC_ref or [B,s,d] Self Style codes
+                       background: torch.Tensor|None = None, # [B,1,H,W] real slices kept outside the lungs (Eq. 3b)
+                       generator: torch.Generator|None = None, # source of the noise of Eq. 3c
                       ) -> torch.Tensor:
     "L_Seg(f(Dec(y^p, SC_ref)), y^p) of Eq. M6."
-    return l_seg(f(synthesize_pseudo(gen, lung, yp, sc)), yp)
+    return l_seg(f(synthesize_pseudo(gen, lung, yp, sc, background, generator)), yp)
 
 class SynthesisPlugin(SynthesisSetup):
     "Mixin for a pseudo-label `Method`: option `synthetic` adds w_u(t) L_syn (Eq. M6) to its loss."
@@ -258,13 +260,13 @@ class SynthesisPlugin(SynthesisSetup):
         w = float(self.unlabeled_weight(tr))
         if self.yp is None or w == 0: return {**out, 'l_synthetic': torch.zeros(()), 'w_synthetic': w}
         sc = self.reference(tr, bu['image'], bu['lung'], self.yp)
-        ls = l_synthetic_plugin(tr.models[0], self.gen, bu['lung'], self.yp, sc)
+        ls = l_synthetic_plugin(tr.models[0], self.gen, bu['lung'], self.yp, sc, self.background(bu['image']), self.noise_generator(tr))
         return {**out, 'loss': out['loss'] + w*ls, 'l_synthetic': ls.detach(), 'w_synthetic': w}
 
 
 # %%
 _keep, _yp = synthesize_pseudo, (torch.rand(2, 1, 8, 8) > .5).float()
-synthesize_pseudo = lambda gen, lung, yp, sc: .2 + .6*yp      # stand-in synthesizer: infection bright where y^p = 1
+synthesize_pseudo = lambda gen, lung, yp, sc, bg=None, g=None: .2 + .6*yp      # stand-in synthesizer: infection bright where y^p = 1
 _f = lambda x: 20*(x - .5)
 test_close(l_synthetic_plugin(_f, None, None, _yp, None), l_seg(_f(.2 + .6*_yp), _yp)); synthesize_pseudo = _keep
 

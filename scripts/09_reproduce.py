@@ -46,9 +46,12 @@ EXPERIMENTS = [
     Experiment('sacps', '04_sacps', 1, 'SA-CPS'),
     Experiment('sacps-self', '04_sacps', 1, 'SA-CPS, Self Style'),
     Experiment('sacps-pooln', '04_sacps', 1, 'SA-CPS, Pool (N)'),
+    Experiment('sacps-whole', '04_sacps', 1, 'SA-CPS, whole image decoded (Eq. 3)'),
+    Experiment('sacps-spade', '04_sacps', 1, 'SA-CPS, first synthesizer (quick-spade, Eq. 3)'),
     Experiment('st', '05_sast', 1, 'Self-Training'),
     Experiment('sast-synth', '05_sast', 1, 'SA-ST (real + synthetic)'),
     Experiment('sast', '05_sast', 1, 'SA-ST'),
+    Experiment('sast-spade', '05_sast', 1, 'SA-ST, first synthesizer'),
     Experiment('mt', '07_baselines', 1, 'Mean Teacher'),
     Experiment('uamt', '07_baselines', 1, 'UA-MT'),
     Experiment('cct', '07_baselines', 1, 'CCT'),
@@ -56,6 +59,7 @@ EXPERIMENTS = [
     Experiment('selfens', '07_baselines', 1, 'Self-Ensembling'),
     Experiment('semiinfnet', '07_baselines', 1, 'SemiInfNet'),
     Experiment('sast+sacps', '05_sast', 2, 'SA-ST(+SA-CPS)'),
+    Experiment('sast+sacps-spade', '05_sast', 2, 'SA-ST(+SA-CPS), first synthesizer'),
     Experiment('bcp', '07_baselines', 1, 'BCP'),
     Experiment('unimatch', '07_baselines', 1, 'UniMatch'),
     Experiment('sa-mt', '07_baselines', 1, 'SA-MT'),
@@ -217,10 +221,12 @@ test_close(summary_table(_ps, ['cps'], .1).dsc[0], .615); test_close(summary_tab
 #| export
 TABLE_II = [('cps', '✓', '✓', ''), ('sacps-synth', '✓', '', '✓'), ('sacps', '✓', '✓', '✓')]
 TABLE_III = [('st', '✓', '✓', ''), ('sast-synth', '✓', '', '✓'), ('sast', '✓', '✓', '✓')]
-SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
-MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps']
+SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
+MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade']
 CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st'),  # the paper's claims: A beats B
-          ('sa-mt', 'mt'), ('sa-bcp', 'bcp'), ('sa-unimatch', 'unimatch')]  # synthesis as a plug-in
+          ('sa-mt', 'mt'), ('sa-bcp', 'bcp'), ('sa-unimatch', 'unimatch'),  # synthesis as a plug-in
+          ('sacps-spade', 'cps'), ('sast-spade', 'st'), ('sast+sacps-spade', 'st'),  # the claims with the first synthesizer
+          ('sacps', 'sacps-spade'), ('sacps', 'sacps-whole')]  # which synthesis helps SA-CPS more
 DELTAS_II = [('sacps', 'cps'), ('sacps', 'sacps-synth')]
 DELTAS_III = [('sast', 'st'), ('sast', 'sast-synth')]
 DELTAS_FIG8 = [('sacps', 'sacps-self'), ('sacps', 'sacps-pooln')]
@@ -446,7 +452,7 @@ test_eq(flattened_at(np.r_[np.linspace(.2, .6, 10), np.full(10, .6)]), 10); test
 
 # %%
 #| export
-SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'mt', 'st', 'sast', 'sast+sacps')  # the predicting U-Net (s1 of two)
+SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'mt', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade')  # the predicting U-Net (s1 of two)
 
 def _selection_claims(t: pd.DataFrame) -> list:
     "The paper's claims (CLAIMS) as paired t-intervals over seeds (Eq. S2) under each rule, where both methods have runs."

@@ -162,9 +162,9 @@ def test_plugin_synthesizes_from_the_methods_own_pseudo_labels(out, monkeypatch,
     state = torch.get_rng_state()
     on = tr.method.train_step(tr, bl, bu)
     assert len(refs) == 1 and len(synth) == 1
-    gen, lung, yp, sc = synth[0]
+    gen, lung, yp, sc = synth[0][:4]
     assert gen is tr.method.gen and torch.equal(lung, bu['lung']) and sc.shape[0] == 1
-    assert torch.equal(yp, tr.method.yp)
+    assert torch.equal(yp, tr.method.yp) and torch.equal(synth[0][4], bu['image'])   # lungs pasted into the real slice (Eq. 3b)
     if variant != 'sa-mt': assert torch.equal(yp, (bu['image'] >= .4).float())   # the method's own pseudo-label
     else: assert set(yp.unique().tolist()) <= {0., 1.}
     w = tr.method.unlabeled_weight(tr)
