@@ -135,7 +135,11 @@ def _blur(t: torch.Tensor, s: float) -> torch.Tensor: # [B,1,H,W] -> same, separ
     t = F.conv2d(F.pad(t, (r, r, 0, 0), mode='reflect'), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(t, (0, 0, r, r), mode='reflect'), k.view(1, 1, -1, 1))
 
-def _robust_sd(v: torch.Tensor) -> torch.Tensor: return 1.4826 * (v - v.median()).abs().median()
+def _robust_sd(v: torch.Tensor, # [B,H,W]
+               m: torch.Tensor, # [B,H,W] bool
+              ) -> torch.Tensor: # [B]: 1.4826 MAD of each slice's values inside m (NaN where m is empty)
+    x = torch.where(m, v, torch.nan).flatten(1)
+    return 1.4826 * (x - x.nanmedian(1, keepdim=True).values).abs().nanmedian(1).values
 
 @functools.lru_cache(maxsize=None)
 def _grain_table() -> tuple:
@@ -152,19 +156,20 @@ def ct_noise_like(real: torch.Tensor,      # [B,1,H,W] real slices in [0,1]
                   generator: torch.Generator|None = None,
                  ) -> torch.Tensor:        # [B,1,H,W] noise n of Eq. 3c (0 outside M and on slices with < 20 pixels in M)
     "Noise with the level and grain of each real slice inside M, less what the decoded slice already has (Eq. 3c)."
-    real, synthetic = real.to(synthetic), synthetic
-    h = lambda t, a: t - _blur(t, a)
-    r1, r05, s1 = h(real, 1.), h(real, .5), h(synthetic, 1.)
+    real = real.to(synthetic); M = region.to(synthetic.device)
+    h = lambda t, a: (t - _blur(t, a))[:, 0]
+    sd = _robust_sd(h(real, 1.), M)
+    ratio = _robust_sd(h(real, .5), M) / sd.clamp_min(1e-8)
+    level = (sd**2 - _robust_sd(h(synthetic, 1.), M)**2).clamp_min(0).sqrt()
+    table = torch.tensor(_grain_table(), dtype=synthetic.dtype, device=synthetic.device)   # [grains, 2]
+    k = (table[None, :, 0] - ratio[:, None]).abs().argmin(1)                              # grain of each slice
+    ok = (M.flatten(1).sum(1) >= 20) & torch.isfinite(level)
     w = torch.randn(synthetic.shape, generator=generator, dtype=synthetic.dtype).to(synthetic.device)
-    table, n = _grain_table(), torch.zeros_like(synthetic)
-    for i in range(len(real)):
-        m = region[i].to(synthetic.device)
-        if int(m.sum()) < 20: continue
-        sd = _robust_sd(r1[i, 0][m]); ratio = float(_robust_sd(r05[i, 0][m]) / sd.clamp_min(1e-8))
-        k = min(range(len(table)), key=lambda j: abs(table[j][0] - ratio))
-        level = (sd**2 - _robust_sd(s1[i, 0][m])**2).clamp_min(0).sqrt()
-        n[i, 0] = torch.where(m, _blur(w[i:i+1], NOISE_GRAIN[k])[0, 0] * level / table[k][1], 0.)
-    return n
+    n = torch.zeros_like(synthetic)
+    for j in k[ok].unique().tolist():                                                      # one blur per grain present
+        sel = ok & (k == j)
+        n[sel] = _blur(w[sel], NOISE_GRAIN[j]) * (level[sel] / table[j, 1])[:, None, None, None]
+    return torch.where(M[:, None], n, 0.)
 
 def composite(synthetic: torch.Tensor, # [B,1,H,W] Dec(m, SC)
               real: torch.Tensor,      # [B,1,H,W] the real slices the layouts belong to
