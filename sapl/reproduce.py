@@ -13,10 +13,10 @@ import pandas as pd
 # %% auto #0
 __all__ = ['EXPERIMENTS', 'BY_VARIANT', 'TABLE_V_RATIO', 'DEMO', 'DEMO_DATA', 'CORE', 'TABLE_II', 'TABLE_III', 'SINGLE', 'MULTI',
            'CLAIMS', 'DELTAS_II', 'DELTAS_III', 'DELTAS_FIG8', 'DELTA_NOTE', 'TABLE_V', 'CURVE_VARIANTS',
-           'SELECTION_VARIANTS', 'Experiment', 'register_all', 'run_dir', 'params_for', 'done', 'run_one', 'run_stages',
-           'collect_volumes', 'per_seed', 'collect', 'fmt', 'summary_table', 'header', 'delta_table', 'delta_lines',
-           'write_tables', 'write_table_v', 'bar_figure', 'visual_comparison', 'flattened_at', 'learning_curves',
-           'selection_effect', 'main']
+           'SELECTION_VARIANTS', 'DOSE_LEVELS', 'Experiment', 'register_all', 'run_dir', 'params_for', 'done',
+           'run_one', 'run_stages', 'collect_volumes', 'per_seed', 'collect', 'fmt', 'summary_table', 'header',
+           'delta_table', 'delta_lines', 'write_tables', 'write_table_v', 'bar_figure', 'visual_comparison',
+           'flattened_at', 'learning_curves', 'selection_effect', 'dose_response', 'main']
 
 # %% ../nbs/09_reproduce.ipynb #26734bae
 @dataclass(frozen=True)
@@ -415,6 +415,34 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
     _atomic_text(rd/'selection.md', '\n'.join(lines) + '\n'); t.to_csv(rd/'selection.csv', index=False)
     return rd/'selection.md'
 
+# %% ../nbs/09_reproduce.ipynb #d2a0d334
+DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': ('quick', 'whole (Eq. 3)'),
+               'sacps': ('quick', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
+
+def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:
+    "Paired gains of the DOSE_LEVELS over CPS against their fidelity (Eq. F4): gain_vs_fidelity.png and .md in `rd`."
+    from sapl.style_pool import gain_vs_fidelity, sean_tag
+    from sapl.sean import SEAN_PROFILES
+    fid = Path(rd)/'synthesis_fidelity.csv'
+    sub = ps[ps.ratio == ratio]
+    cps = set(sub[sub.variant == 'cps'].seed)
+    levels = {v: (sean_tag(SEAN_PROFILES[n]), mode) for v, (n, mode) in DOSE_LEVELS.items()
+              if len(cps & set(sub[sub.variant == v].seed)) >= min_seeds}
+    if not fid.exists() or len(levels) < 2: return []
+    fidelity = pd.read_csv(fid)
+    levels = {v: k for v, k in levels.items() if ((fidelity.synthesizer == k[0]) & (fidelity['mode'] == k[1])).any()}
+    if len(levels) < 2: return []
+    summ = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_fidelity.png', metric=metric, min_seeds=min_seeds)
+    lines = ['# SA-CPS gain over CPS against synthesis fidelity', '', f'{ratio:.0%} labeled; paired over seeds (Eq. F4); '
+             f'fidelity from `synthesis_fidelity.md` ({metric}).', '',
+             f'| variant | synthesis | {metric} | seeds | Δ DSC (pts) | 95 % CI | verdict |', '|---|---|---|---|---|---|---|']
+    from sapl.stats import verdict
+    for r in summ.sort_values(metric, ascending=False).itertuples():
+        lines.append(f"| {r.variant} | {r.synthesizer} | {getattr(r, metric):.3f} | {r.count} | {100*r.mean:+.2f} | "
+                     f"[{100*r.ci_lo:+.2f}, {100*r.ci_hi:+.2f}] | {verdict(r.ci_lo, r.ci_hi)} |")
+    _atomic_text(Path(rd)/'gain_vs_fidelity.md', '\n'.join(lines) + '\n')
+    return [Path(rd)/'gain_vs_fidelity.png', Path(rd)/'gain_vs_fidelity.md']
+
 # %% ../nbs/09_reproduce.ipynb #c6571a53
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='make reproduce ARGS=', description='Regenerate the tables and figures of the paper.')
@@ -444,7 +472,7 @@ def _figures(ps, common, a, rd) -> list:
     f8 = bar_figure(ps, ['sacps-self', 'sacps-pooln', 'sacps'], ['Self Style', 'Pool (N)', 'Pool (N+)'], r0, rd/'fig8.png',
                     f'Fig. 8 analogue: style source of SA-CPS, {r0:.0%} labeled')
     f6 = visual_comparison(common, r0, min(a.seeds), rd/'fig6.png')
-    return [f5, f6, f8]
+    return [f5, f6, f8] + dose_response(ps, r0, rd)
 
 def main(argv=None):
     ap = _parser(); a = ap.parse_args(argv)

@@ -119,8 +119,8 @@ SEAN_PROFILES = {
                         g_up=(0, 1, 0, 1, 1, 1, 1), spade_hidden=128, ndf=64, n_layers_d=4, num_d=2,
                         batch=8, epochs=50),
 }
-# shorter training budgets of the quick synthesizer (fidelity levels of the dose-response experiment, 03_style_pool)
-SEAN_PROFILES.update({f'quick-b{n}': replace(SEAN_PROFILES['quick'], name=f'quick-b{n}', epochs=n // 50) for n in (250, 1000)})
+# other training budgets of the quick synthesizer: the fidelity-vs-training-time curve of 03_style_pool
+SEAN_PROFILES.update({f'quick-b{n}': replace(SEAN_PROFILES['quick'], name=f'quick-b{n}', epochs=n // 50) for n in (250, 1000, 4000)})
 
 # %%
 test_eq(SEAN_PROFILES['paper'].size // 2**SEAN_PROFILES['paper'].n_up, 16)

@@ -513,13 +513,62 @@ _t = pd.DataFrame(dict(variant=['sacps']*3 + ['cps']*3, seed=[0, 1, 2]*2, last=[
 _c = _selection_claims(_t)
 test_eq(len([l for l in _c if l.startswith('| SA-CPS − CPS | 3 |')]), 1); assert '-2.00' in _c[-1] and '-0.67' in _c[-1]
 
-
 # %% [markdown]
 # ## Command line
 #
 # `python -c 'import sys; from sapl.reproduce import main; main(sys.argv[1:])' [--profile quick] [--ratios 0.1 0.2 0.3] [--seeds 0 1 2] [--variants ...] [--demo]`.
 # `--demo` is the Table IV 10 % column with one seed (the `make demo` job); without `--variants` every experiment runs.
 # `--table-v` runs the Table V analogue on the MosMedData-like phantom (`sapl.data.make_phantom_mosmed`).
+
+# %% [markdown]
+# ### Dose-response: SA-CPS's gain against synthesis fidelity
+#
+# Three SA-CPS variants differ only in how realistic their synthetic images are: the first quick synthesizer decoding
+# whole slices (`sacps-spade`), the current one decoding whole slices (`sacps-whole`), and the current one synthesizing
+# only the lungs into the real slice with matched noise (`sacps`, Eq. 3c). Their paired gains over CPS (Eq. F4 in
+# `03_style_pool`) are plotted against the fidelity row of their synthesis in `reports/synthesis_fidelity.csv`
+# (C2ST AUC: 1.0 = always told apart from real slices, 0.5 = indistinguishable). Written as `gain_vs_fidelity.png/.md`
+# when at least two variants have 5 seeds paired with CPS and the fidelity table exists.
+
+# %%
+#| export
+DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': ('quick', 'whole (Eq. 3)'),
+               'sacps': ('quick', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
+
+def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:
+    "Paired gains of the DOSE_LEVELS over CPS against their fidelity (Eq. F4): gain_vs_fidelity.png and .md in `rd`."
+    from sapl.style_pool import gain_vs_fidelity, sean_tag
+    from sapl.sean import SEAN_PROFILES
+    fid = Path(rd)/'synthesis_fidelity.csv'
+    sub = ps[ps.ratio == ratio]
+    cps = set(sub[sub.variant == 'cps'].seed)
+    levels = {v: (sean_tag(SEAN_PROFILES[n]), mode) for v, (n, mode) in DOSE_LEVELS.items()
+              if len(cps & set(sub[sub.variant == v].seed)) >= min_seeds}
+    if not fid.exists() or len(levels) < 2: return []
+    fidelity = pd.read_csv(fid)
+    levels = {v: k for v, k in levels.items() if ((fidelity.synthesizer == k[0]) & (fidelity['mode'] == k[1])).any()}
+    if len(levels) < 2: return []
+    summ = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_fidelity.png', metric=metric, min_seeds=min_seeds)
+    lines = ['# SA-CPS gain over CPS against synthesis fidelity', '', f'{ratio:.0%} labeled; paired over seeds (Eq. F4); '
+             f'fidelity from `synthesis_fidelity.md` ({metric}).', '',
+             f'| variant | synthesis | {metric} | seeds | Δ DSC (pts) | 95 % CI | verdict |', '|---|---|---|---|---|---|---|']
+    from sapl.stats import verdict
+    for r in summ.sort_values(metric, ascending=False).itertuples():
+        lines.append(f"| {r.variant} | {r.synthesizer} | {getattr(r, metric):.3f} | {r.count} | {100*r.mean:+.2f} | "
+                     f"[{100*r.ci_lo:+.2f}, {100*r.ci_hi:+.2f}] | {verdict(r.ci_lo, r.ci_hi)} |")
+    _atomic_text(Path(rd)/'gain_vs_fidelity.md', '\n'.join(lines) + '\n')
+    return [Path(rd)/'gain_vs_fidelity.png', Path(rd)/'gain_vs_fidelity.md']
+
+
+# %%
+import tempfile
+from sapl.style_pool import sean_tag; from sapl.sean import SEAN_PROFILES as _P
+_ps = pd.DataFrame([dict(variant=v, ratio=.1, seed=s, dsc=.6 + .001*s + g) for s in range(5) for v, g in (('cps', 0), ('sacps', .02), ('sacps-spade', -.01))])
+with tempfile.TemporaryDirectory() as _d:
+    pd.DataFrame([dict(synthesizer=sean_tag(_P[n]), mode=m, c2st_auc=a) for n, m, a in (('quick', 'lungs + noise (Eq. 3c)', .53), ('quick-spade', 'whole (Eq. 3)', 1.))]).to_csv(f'{_d}/synthesis_fidelity.csv', index=False)
+    test_eq(len(dose_response(_ps, .1, Path(_d))), 2); assert '| +2.00 |' in open(f'{_d}/gain_vs_fidelity.md').read()
+    test_eq(dose_response(_ps[_ps.seed < 4], .1, Path(_d)), [])   # fewer than 5 seeds paired with CPS: nothing written
+
 
 # %%
 #| export
@@ -551,7 +600,7 @@ def _figures(ps, common, a, rd) -> list:
     f8 = bar_figure(ps, ['sacps-self', 'sacps-pooln', 'sacps'], ['Self Style', 'Pool (N)', 'Pool (N+)'], r0, rd/'fig8.png',
                     f'Fig. 8 analogue: style source of SA-CPS, {r0:.0%} labeled')
     f6 = visual_comparison(common, r0, min(a.seeds), rd/'fig6.png')
-    return [f5, f6, f8]
+    return [f5, f6, f8] + dose_response(ps, r0, rd)
 
 def main(argv=None):
     ap = _parser(); a = ap.parse_args(argv)
