@@ -415,7 +415,7 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
     _atomic_text(rd/'selection.md', '\n'.join(lines) + '\n'); t.to_csv(rd/'selection.csv', index=False)
     return rd/'selection.md'
 
-# %% ../nbs/09_reproduce.ipynb #d2a0d334
+# %% ../nbs/09_reproduce.ipynb #c6901ddd
 DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': ('quick', 'whole (Eq. 3)'),
                'sacps': ('quick', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
 

@@ -318,10 +318,13 @@ def update_fidelity_report(row: dict, path, note: str = '') -> 'pd.DataFrame':
     with atomic_path(csv) as tmp: df.to_csv(tmp, index=False)
     show = df[[c for c in FIDELITY_COLUMNS if c in df]].rename(columns=FIDELITY_COLUMNS)
     head = ["# Synthesis fidelity", "", note, "",
-            "DSC: pooled Dice of a U-Net trained on the real labeled slices, on real test slices and on their synthetic "
-            "twins Dec(m, SC_ref) (gap = real - synthetic, Eq. F1). C2ST AUC: held-out ROC area of a small CNN telling real "
-            "from synthetic slices (0.5 = indistinguishable, Eq. F2). W1: Wasserstein distance of the intensities inside "
-            "each region, in HU (Eq. F3). Written by nbs/03_style_pool.ipynb.", ""]
+            "Synthesized: the whole slice decoded from its mask, Dec(m, SC_ref) (Eq. 3, the paper's); only the lungs decoded and "
+            "pasted into the real slice (Eq. 3b); the same with CT noise matched to the real slice (Eq. 3c, what SA-CPS and SA-ST "
+            "use by default). DSC: pooled Dice of a U-Net trained on the real labeled slices (the split's Baseline run), on real "
+            "test slices and on their synthetic twins (gap = real - synthetic, Eq. F1; negative: the synthetic infection is "
+            "easier to find than the real one). C2ST AUC: held-out ROC area of a small CNN telling real from synthetic slices "
+            "(0.5 = indistinguishable, Eq. F2). W1: Wasserstein distance of the intensities inside each region, in HU (Eq. F3). "
+            "Written by nbs/03_style_pool.ipynb.", ""]
     fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
     lines = ['| ' + ' | '.join(show.columns) + ' |', '|' + '---|' * show.shape[1]]
     lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in show.itertuples(index=False)]
