@@ -37,6 +37,7 @@ EXPERIMENTS = [
     Experiment('sacps-pooln', '04_sacps', 1, 'SA-CPS, Pool (N)'),
     Experiment('sacps-whole', '04_sacps', 1, 'SA-CPS, whole image decoded (Eq. 3)'),
     Experiment('sacps-spade', '04_sacps', 1, 'SA-CPS, first synthesizer (quick-spade, Eq. 3)'),
+    Experiment('sacps-spade-lungs', '04_sacps', 1, 'SA-CPS, first synthesizer, lungs + noise (Eq. 3c)'),
     Experiment('st', '05_sast', 1, 'Self-Training'),
     Experiment('sast-synth', '05_sast', 1, 'SA-ST (real + synthetic)'),
     Experiment('sast', '05_sast', 1, 'SA-ST'),
@@ -164,12 +165,12 @@ def summary_table(per_seed: pd.DataFrame, variants, ratio) -> pd.DataFrame:
 # %% ../nbs/09_reproduce.ipynb #498c5c2e
 TABLE_II = [('cps', '✓', '✓', ''), ('sacps-synth', '✓', '', '✓'), ('sacps', '✓', '✓', '✓')]
 TABLE_III = [('st', '✓', '✓', ''), ('sast-synth', '✓', '', '✓'), ('sast', '✓', '✓', '✓')]
-SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
+SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'sacps-spade-lungs', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
 MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade']
 CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st'),  # the paper's claims: A beats B
           ('sa-mt', 'mt'), ('sa-bcp', 'bcp'), ('sa-unimatch', 'unimatch'),  # synthesis as a plug-in
           ('sacps-spade', 'cps'), ('sast-spade', 'st'), ('sast+sacps-spade', 'st'),  # the claims with the first synthesizer
-          ('sacps', 'sacps-spade'), ('sacps', 'sacps-whole')]  # which synthesis helps SA-CPS more
+          ('sacps', 'sacps-spade'), ('sacps', 'sacps-whole'), ('sacps-spade-lungs', 'cps')]  # which synthesis helps SA-CPS more
 DELTAS_II = [('sacps', 'cps'), ('sacps', 'sacps-synth')]
 DELTAS_III = [('sast', 'st'), ('sast', 'sast-synth')]
 DELTAS_FIG8 = [('sacps', 'sacps-self'), ('sacps', 'sacps-pooln')]
@@ -360,7 +361,7 @@ def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports')
     return [rd/'learning_curves.md', rd/'learning_curves.png', rd/'learning_curves.csv']
 
 # %% ../nbs/09_reproduce.ipynb #502b1a29
-SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'mt', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade')  # the predicting U-Net (s1 of two)
+SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'sacps-spade-lungs', 'mt', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade')  # the predicting U-Net (s1 of two)
 
 def _selection_claims(t: pd.DataFrame) -> list:
     "The paper's claims (CLAIMS) as paired t-intervals over seeds (Eq. S2) under each rule, where both methods have runs."
@@ -417,7 +418,7 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
 
 # %% ../nbs/09_reproduce.ipynb #c6901ddd
 DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': ('quick', 'whole (Eq. 3)'),
-               'sacps': ('quick', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
+               'sacps': ('quick', 'lungs + noise (Eq. 3c)'), 'sacps-spade-lungs': ('quick-spade', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
 
 def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:
     "Paired gains of the DOSE_LEVELS over CPS against their fidelity (Eq. F4): gain_vs_fidelity.png and .md in `rd`."

@@ -121,4 +121,5 @@ VARIANTS.update({'cps': ('cps', {}), 'sacps': ('sacps', {}), 'sacps-synth': ('sa
                  'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'}),
                  **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000)},
                  'sacps-whole': ('sacps', {'composite': False}),
-                 'sacps-spade': ('sacps', {'sean': 'quick-spade', 'composite': False})})
+                 'sacps-spade': ('sacps', {'sean': 'quick-spade', 'composite': False}),
+                 'sacps-spade-lungs': ('sacps', {'sean': 'quick-spade'})})

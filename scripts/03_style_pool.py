@@ -493,10 +493,13 @@ def update_fidelity_report(row: dict, path, note: str = '') -> 'pd.DataFrame':
     with atomic_path(csv) as tmp: df.to_csv(tmp, index=False)
     show = df[[c for c in FIDELITY_COLUMNS if c in df]].rename(columns=FIDELITY_COLUMNS)
     head = ["# Synthesis fidelity", "", note, "",
-            "DSC: pooled Dice of a U-Net trained on the real labeled slices, on real test slices and on their synthetic "
-            "twins Dec(m, SC_ref) (gap = real - synthetic, Eq. F1). C2ST AUC: held-out ROC area of a small CNN telling real "
-            "from synthetic slices (0.5 = indistinguishable, Eq. F2). W1: Wasserstein distance of the intensities inside "
-            "each region, in HU (Eq. F3). Written by nbs/03_style_pool.ipynb.", ""]
+            "Synthesized: the whole slice decoded from its mask, Dec(m, SC_ref) (Eq. 3, the paper's); only the lungs decoded and "
+            "pasted into the real slice (Eq. 3b); the same with CT noise matched to the real slice (Eq. 3c, what SA-CPS and SA-ST "
+            "use by default). DSC: pooled Dice of a U-Net trained on the real labeled slices (the split's Baseline run), on real "
+            "test slices and on their synthetic twins (gap = real - synthetic, Eq. F1; negative: the synthetic infection is "
+            "easier to find than the real one). C2ST AUC: held-out ROC area of a small CNN telling real from synthetic slices "
+            "(0.5 = indistinguishable, Eq. F2). W1: Wasserstein distance of the intensities inside each region, in HU (Eq. F3). "
+            "Written by nbs/03_style_pool.ipynb.", ""]
     fmt = lambda v: f'{v:.3g}' if isinstance(v, float) else str(v)
     lines = ['| ' + ' | '.join(show.columns) + ' |', '|' + '---|' * show.shape[1]]
     lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in show.itertuples(index=False)]
@@ -515,33 +518,23 @@ with tempfile.TemporaryDirectory() as _d:
 # %% [markdown]
 # ## Dose-response: does the gain of SA-CPS grow with synthesis quality?
 #
-# With synthesizers of several fidelity levels (the same architecture trained for 250, 1000 and 2000 generator
-# iterations: `SEAN_PROFILES` `quick-b250`, `quick-b1000`, `quick`), SA-CPS runs once per level and seed, CPS once per
-# seed, on the same split. The gain of level $L$ at seed $j$ is the paired difference
+# SA-CPS runs with synthetic images of different fidelity (one variant per level), CPS once per seed, all on the same
+# split and seeds. The gain of level $L$ at seed $j$ is the paired difference
 #
 # $$ g_{L,j} = DSC(\text{SA-CPS}_L, j) - DSC(\text{CPS}, j), \qquad
 #    \bar g_L \pm t_{0.975,\,n-1}\, \frac{s_L}{\sqrt{n}} \tag{F4} $$
 #
-# with $n \ge 5$ seeds per level, $s_L$ their standard deviation; `gain_vs_fidelity` plots $g_{L,j}$ and the 95 %
-# interval against a fidelity measure of level $L$ (default: the segmenter gap of Eq. F1) and refuses fewer than
-# `min_seeds` paired seeds.
-#
-# Command (phantom, quick profile, 10 % labeled; about 6 min per segmentation run on one core):
+# with $n \ge 5$ seeds per level and $s_L$ their standard deviation. `gain_vs_fidelity` plots $g_{L,j}$ and the 95 %
+# interval against a fidelity measure of level $L$ (a column of the fidelity table; the row is given as
+# (synthesizer tag, synthesis mode)) and refuses fewer than `min_seeds` paired seeds. The levels of the benchmark are
+# `sapl.reproduce.DOSE_LEVELS`: the first quick synthesizer decoding whole slices, the current one decoding whole slices,
+# and the current one synthesizing the lungs with matched noise (Eq. 3c); `make reproduce` draws the figure
+# (`reports/gain_vs_fidelity.png`) once their runs exist. The training budgets `quick-b250`, `quick-b1000` and
+# `quick-b4000` give the fidelity-vs-training-time curve of the same architecture:
 #
 # ```bash
-# # 1. the three synthesizers, their rows in reports/synthesis_fidelity.md and their Fig. 7
-# .venv/bin/papermill nbs/03_style_pool.ipynb reports/runs/03_fidelity_r0.1.ipynb -p ratio 0.1 -p extra_synthesizers quick-b250,quick-b1000
-# # 2. CPS and SA-CPS at the three levels, seeds 0-4 (paired: same split, same seeds)
-# for s in 0 1 2 3 4; do for v in cps sacps sacps-b250 sacps-b1000; do
-#   .venv/bin/papermill nbs/04_sacps.ipynb reports/runs/dose_${v}_r0.1_s$s.ipynb -p ratio 0.1 -p seed $s -p variant $v -p benchmark False
-# done; done
-# # 3. reports/gain_vs_fidelity.png and the table of paired gains
-# .venv/bin/python -c "
-# import pandas as pd; from sapl.reproduce import collect; from sapl.sean import SEAN_PROFILES as P
-# from sapl.style_pool import gain_vs_fidelity, sean_tag
-# ps = collect(dict(out_dir='runs', dataset='phantom', profile='quick'), [0.1], range(5), ['cps', 'sacps', 'sacps-b250', 'sacps-b1000'])
-# lv = {v: sean_tag(P[n]) for v, n in [('sacps', 'quick'), ('sacps-b250', 'quick-b250'), ('sacps-b1000', 'quick-b1000')]}
-# print(gain_vs_fidelity(ps, lv, pd.read_csv('reports/synthesis_fidelity.csv'), 'reports/gain_vs_fidelity.png'))"
+# .venv/bin/papermill nbs/03_style_pool.ipynb reports/runs/03_fidelity_r0.1.ipynb -p ratio 0.1 \
+#     -p extra_synthesizers quick-spade,quick-b250,quick-b1000,quick-b4000
 # ```
 
 # %%

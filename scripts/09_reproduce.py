@@ -48,6 +48,7 @@ EXPERIMENTS = [
     Experiment('sacps-pooln', '04_sacps', 1, 'SA-CPS, Pool (N)'),
     Experiment('sacps-whole', '04_sacps', 1, 'SA-CPS, whole image decoded (Eq. 3)'),
     Experiment('sacps-spade', '04_sacps', 1, 'SA-CPS, first synthesizer (quick-spade, Eq. 3)'),
+    Experiment('sacps-spade-lungs', '04_sacps', 1, 'SA-CPS, first synthesizer, lungs + noise (Eq. 3c)'),
     Experiment('st', '05_sast', 1, 'Self-Training'),
     Experiment('sast-synth', '05_sast', 1, 'SA-ST (real + synthetic)'),
     Experiment('sast', '05_sast', 1, 'SA-ST'),
@@ -221,12 +222,12 @@ test_close(summary_table(_ps, ['cps'], .1).dsc[0], .615); test_close(summary_tab
 #| export
 TABLE_II = [('cps', '✓', '✓', ''), ('sacps-synth', '✓', '', '✓'), ('sacps', '✓', '✓', '✓')]
 TABLE_III = [('st', '✓', '✓', ''), ('sast-synth', '✓', '', '✓'), ('sast', '✓', '✓', '✓')]
-SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
+SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'sacps-spade-lungs', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
 MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade']
 CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st'),  # the paper's claims: A beats B
           ('sa-mt', 'mt'), ('sa-bcp', 'bcp'), ('sa-unimatch', 'unimatch'),  # synthesis as a plug-in
           ('sacps-spade', 'cps'), ('sast-spade', 'st'), ('sast+sacps-spade', 'st'),  # the claims with the first synthesizer
-          ('sacps', 'sacps-spade'), ('sacps', 'sacps-whole')]  # which synthesis helps SA-CPS more
+          ('sacps', 'sacps-spade'), ('sacps', 'sacps-whole'), ('sacps-spade-lungs', 'cps')]  # which synthesis helps SA-CPS more
 DELTAS_II = [('sacps', 'cps'), ('sacps', 'sacps-synth')]
 DELTAS_III = [('sast', 'st'), ('sast', 'sast-synth')]
 DELTAS_FIG8 = [('sacps', 'sacps-self'), ('sacps', 'sacps-pooln')]
@@ -452,7 +453,7 @@ test_eq(flattened_at(np.r_[np.linspace(.2, .6, 10), np.full(10, .6)]), 10); test
 
 # %%
 #| export
-SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'mt', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade')  # the predicting U-Net (s1 of two)
+SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'sacps-spade-lungs', 'mt', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade')  # the predicting U-Net (s1 of two)
 
 def _selection_claims(t: pd.DataFrame) -> list:
     "The paper's claims (CLAIMS) as paired t-intervals over seeds (Eq. S2) under each rule, where both methods have runs."
@@ -523,9 +524,9 @@ test_eq(len([l for l in _c if l.startswith('| SA-CPS − CPS | 3 |')]), 1); asse
 # %% [markdown]
 # ### Dose-response: SA-CPS's gain against synthesis fidelity
 #
-# Three SA-CPS variants differ only in how realistic their synthetic images are: the first quick synthesizer decoding
-# whole slices (`sacps-spade`), the current one decoding whole slices (`sacps-whole`), and the current one synthesizing
-# only the lungs into the real slice with matched noise (`sacps`, Eq. 3c). Their paired gains over CPS (Eq. F4 in
+# Four SA-CPS variants differ only in the synthetic images they train on: the first quick synthesizer (`quick-spade`)
+# decoding whole slices (`sacps-spade`) or only the lungs, pasted into the real slice with matched noise
+# (`sacps-spade-lungs`, Eq. 3c), and the current one (`quick`) the same two ways (`sacps-whole`, `sacps`). Their paired gains over CPS (Eq. F4 in
 # `03_style_pool`) are plotted against the fidelity row of their synthesis in `reports/synthesis_fidelity.csv`
 # (C2ST AUC: 1.0 = always told apart from real slices, 0.5 = indistinguishable). Written as `gain_vs_fidelity.png/.md`
 # when at least two variants have 5 seeds paired with CPS and the fidelity table exists.
@@ -533,7 +534,7 @@ test_eq(len([l for l in _c if l.startswith('| SA-CPS − CPS | 3 |')]), 1); asse
 # %%
 #| export
 DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': ('quick', 'whole (Eq. 3)'),
-               'sacps': ('quick', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
+               'sacps': ('quick', 'lungs + noise (Eq. 3c)'), 'sacps-spade-lungs': ('quick-spade', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
 
 def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:
     "Paired gains of the DOSE_LEVELS over CPS against their fidelity (Eq. F4): gain_vs_fidelity.png and .md in `rd`."
