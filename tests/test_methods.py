@@ -89,6 +89,8 @@ def test_sast_builds_teacher_pseudo_and_synthetic_sets(out, capfd):
     assert len(m.pseudo_ds) == len(m.synth_ds) == sum(len(v.z) for v in data.train_u)
     for p, s in zip(m.pseudo, m.synth):
         assert np.array_equal(p.label, s.label) and not np.allclose(p.image, s.image)
+        bg = (p.lung == 0) & (p.label == 0)                           # outside the layout: the real slice (Eq. 3b)
+        assert np.array_equal(s.image[bg], p.image[bg])
     st = run(cfg(out, 'st'), data, progress=False)
     assert not hasattr(st.method, 'synth_ds')
     assert VARIANTS['sast+sacps'] == ('sast', {'teacher': 'sacps'})
@@ -98,3 +100,17 @@ def test_bad_options():
     with pytest.raises(ValueError, match='unknown sacps options'): SACPS(RunConfig(method='sacps', opts={'lamda': 1}))
     with pytest.raises(ValueError, match='style must be'): SACPS(RunConfig(method='sacps', opts={'style': 'x'}))
     with pytest.raises(ValueError, match='unknown variant'): RunConfig().variant('sa-cps')
+
+
+def test_option_sean_selects_the_synthesizer_folder(out, monkeypatch):
+    "Option `sean` trains and loads that configuration in its own folder; without it, the run profile's synthesizer."
+    from dataclasses import replace
+    from sapl.sean import SEAN_PROFILES
+    from sapl.style_pool import split_synthesizer, sean_dir
+    other = replace(SEAN_PROFILES['smoke'], name='smoke-other', epochs=1)
+    monkeypatch.setitem(SEAN_PROFILES, 'smoke-other', other)
+    c = cfg(out, 'sacps')
+    g = split_synthesizer(bundle().train_l, c, 0, 'smoke-other', verbose=False)
+    assert g.cfg.name == 'smoke-other' and (sean_dir(out, 'phantom', 'smoke', .1, cfg=other)/'last.pt').exists()
+    assert split_synthesizer(bundle().train_l, c, 0, None, verbose=False).cfg.name == 'smoke'
+    with pytest.raises(ValueError, match='sean must be'): split_synthesizer(bundle().train_l, c, 0, 'nope')

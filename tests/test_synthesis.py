@@ -83,3 +83,4 @@ def test_gain_vs_fidelity_pairs_seeds_and_needs_five(tmp_path):
     s = gain_vs_fidelity(ps, {'a': 'A'}, fid, tmp_path/'g.png')
     assert abs(float(s['mean'].iloc[0]) - .03) < 1e-9 and (tmp_path/'g.png').stat().st_size > 0
     with pytest.raises(ValueError, match='need >= 5'): gain_vs_fidelity(ps[ps.seed < 4], {'a': 'A'}, fid)
+
