@@ -22,7 +22,7 @@ __all__ = ['NOISE_GRAIN', 'FIDELITY_REGIONS', 'FIDELITY_COLUMNS', 'sean_tag', 's
            'check_sean', 'split_synthesizer', 'StylePool', 'semantic_np', 'reference_code', 'sample_reference',
            'pseudo_layout', 'ct_noise_like', 'composite', 'synthesize_pseudo', 'self_style', 'perturb_label',
            'fidelity_set', 'pooled_dsc', 'segmenter_gap', 'roc_auc', 'c2st_auc', 'region_wasserstein',
-           'update_fidelity_report', 'gain_vs_fidelity']
+           'update_fidelity_report', 'fidelity_curve', 'gain_vs_fidelity']
 
 # %% ../nbs/03_style_pool.ipynb #6d91fb6c
 def sean_tag(cfg: SeanConfig) -> str:
@@ -330,6 +330,26 @@ def update_fidelity_report(row: dict, path, note: str = '') -> 'pd.DataFrame':
     lines += ['| ' + ' | '.join(fmt(v) for v in r) + ' |' for r in show.itertuples(index=False)]
     with atomic_path(path) as tmp: open(tmp, 'w').write('\n'.join(head + lines) + '\n')
     return df
+
+# %% ../nbs/03_style_pool.ipynb #1eb4b751
+def fidelity_curve(df: 'pd.DataFrame', # rows of synthesis_fidelity.csv
+                   names: list,        # synthesizer tags of one architecture (different training budgets)
+                   path,               # PNG to write
+                  ) -> Path|None:       # None when fewer than two budgets are in `df`
+    "|DSC gap| and C2ST AUC against SEAN training minutes, one line per synthesis mode (seaborn)."
+    import seaborn as sns
+    from matplotlib.figure import Figure
+    d = df[df.synthesizer.isin(names)].copy()
+    if d.synthesizer.nunique() < 2: return None
+    d['|DSC gap|'] = d.dsc_gap.abs(); d['C2ST AUC'] = d.c2st_auc
+    fig = Figure(figsize=(9, 3.4)); axes = fig.subplots(1, 2)
+    for ax, col, target in zip(axes, ['|DSC gap|', 'C2ST AUC'], [0.03, 0.75]):
+        sns.lineplot(data=d.sort_values('train_min'), x='train_min', y=col, hue='mode', marker='o', ax=ax, legend=ax is axes[1])
+        ax.axhline(target, color='grey', ls='--', lw=.8); ax.set_xlabel('SEAN training (min, 1 thread)')
+    if axes[1].get_legend(): sns.move_legend(axes[1], 'upper left', bbox_to_anchor=(1, 1), fontsize=7, title=None)
+    fig.tight_layout(); path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
+    return path
 
 # %% ../nbs/03_style_pool.ipynb #f1d0a013
 def gain_vs_fidelity(per_seed: 'pd.DataFrame', # columns variant, seed, dsc (one split and ratio)

@@ -516,6 +516,41 @@ with tempfile.TemporaryDirectory() as _d:
 
 
 # %% [markdown]
+# `fidelity_curve` draws, for the configurations of one architecture trained for different budgets, the segmenter gap
+# and the C2ST AUC against training time, one line per synthesis mode, with the targets ($|\Delta_{DSC}| \le 0.03$,
+# AUC $\le 0.75$) as dashed lines: where the curves are heading says what a longer budget would reach.
+
+# %%
+#| export
+def fidelity_curve(df: 'pd.DataFrame', # rows of synthesis_fidelity.csv
+                   names: list,        # synthesizer tags of one architecture (different training budgets)
+                   path,               # PNG to write
+                  ) -> Path|None:       # None when fewer than two budgets are in `df`
+    "|DSC gap| and C2ST AUC against SEAN training minutes, one line per synthesis mode (seaborn)."
+    import seaborn as sns
+    from matplotlib.figure import Figure
+    d = df[df.synthesizer.isin(names)].copy()
+    if d.synthesizer.nunique() < 2: return None
+    d['|DSC gap|'] = d.dsc_gap.abs(); d['C2ST AUC'] = d.c2st_auc
+    fig = Figure(figsize=(9, 3.4)); axes = fig.subplots(1, 2)
+    for ax, col, target in zip(axes, ['|DSC gap|', 'C2ST AUC'], [0.03, 0.75]):
+        sns.lineplot(data=d.sort_values('train_min'), x='train_min', y=col, hue='mode', marker='o', ax=ax, legend=ax is axes[1])
+        ax.axhline(target, color='grey', ls='--', lw=.8); ax.set_xlabel('SEAN training (min, 1 thread)')
+    if axes[1].get_legend(): sns.move_legend(axes[1], 'upper left', bbox_to_anchor=(1, 1), fontsize=7, title=None)
+    fig.tight_layout(); path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=110)
+    return path
+
+
+# %%
+import tempfile, pandas as pd
+_df = pd.DataFrame([dict(synthesizer=s, mode=m, train_min=t, dsc_gap=g, c2st_auc=a) for s, t in (('a', 1.), ('b', 4.))
+                    for m, g, a in (('whole', .2, 1.), ('lungs', .05, .6))])
+with tempfile.TemporaryDirectory() as _d:
+    assert fidelity_curve(_df, ['a', 'b'], f'{_d}/c.png').exists(); test_eq(fidelity_curve(_df, ['a'], f'{_d}/d.png'), None)
+
+
+# %% [markdown]
 # ## Dose-response: does the gain of SA-CPS grow with synthesis quality?
 #
 # SA-CPS runs with synthetic images of different fidelity (one variant per level), CPS once per seed, all on the same
@@ -681,6 +716,8 @@ if fidelity:
                    **segmenter_gap(unet.predict, te), 'c2st_auc': c2st_auc(fs, seed, iters=20 if IN_TEST else 400), **region_wasserstein(te)}
             rows.append(row); update_fidelity_report(row, resolve(report_dir)/'synthesis_fidelity.md', note)
         if name != profile: fig7(data.test, g, p, resolve(report_dir)/f'fig7_r{ratio:g}_{name}.png', n=2 if IN_TEST else 3, K=K, whole=name == 'quick-spade')
+    budgets = [sean_tag(SEAN_PROFILES[n]) for n in SEAN_PROFILES if n == profile or n.startswith(f'{profile}-b')]
+    fidelity_curve(pd.read_csv(resolve(report_dir)/'synthesis_fidelity.csv'), budgets, resolve(report_dir)/'synthesis_fidelity.png')
     print((resolve(report_dir)/'synthesis_fidelity.md').read_text())
 
 
