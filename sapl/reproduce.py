@@ -418,6 +418,7 @@ def selection_effect(common: dict, ratio: float, seeds, report_dir='reports', va
 
 # %% ../nbs/09_reproduce.ipynb #c6901ddd
 DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': ('quick', 'whole (Eq. 3)'),
+               'sacps-b2000': ('quick-b2000', 'lungs + noise (Eq. 3c)'),
                'sacps': ('quick', 'lungs + noise (Eq. 3c)'), 'sacps-spade-lungs': ('quick-spade', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
 
 def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:

@@ -119,7 +119,7 @@ class CPS(SACPS):
 # %% ../nbs/04_sacps.ipynb #be7c3eff
 VARIANTS.update({'cps': ('cps', {}), 'sacps': ('sacps', {}), 'sacps-synth': ('sacps', {'pseudo': False}),
                  'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'}),
-                 **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000)},
+                 **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000, 2000)},
                  'sacps-whole': ('sacps', {'composite': False}),
                  'sacps-spade': ('sacps', {'sean': 'quick-spade', 'composite': False}),
                  'sacps-spade-lungs': ('sacps', {'sean': 'quick-spade'})})

@@ -61,14 +61,14 @@ class SeanConfig:
 SEAN_PROFILES = {
     'smoke': SeanConfig('smoke', size=32, style_dim=8, enc_ngf=4, ngf=4, g_mults=(4, 2, 1), g_up=(0, 1, 1),
                         spade_hidden=8, ndf=8, n_layers_d=2, num_d=2, batch=4, epochs=2),
-    'quick': SeanConfig('quick', modulation='class', ngf=4, g_mults=(8, 4, 2, 1), epochs=40, iters_per_epoch=50, ema=0.995),
+    'quick': SeanConfig('quick', modulation='class', ngf=4, g_mults=(8, 4, 2, 1), epochs=80, iters_per_epoch=50, ema=0.995),  # 4000 iterations
     'quick-spade': SeanConfig('quick-spade', iters_per_epoch=30),  # the first quick generator: conv mask branch, 64-64-32-16 channels, 900 iterations
     'paper': SeanConfig('paper', size=512, style_dim=512, enc_ngf=32, ngf=64, g_mults=(16, 16, 16, 8, 4, 2, 1),
                         g_up=(0, 1, 0, 1, 1, 1, 1), spade_hidden=128, ndf=64, n_layers_d=4, num_d=2,
                         batch=8, epochs=50),
 }
 # other training budgets of the quick synthesizer: the fidelity-vs-training-time curve of 03_style_pool
-SEAN_PROFILES.update({f'quick-b{n}': replace(SEAN_PROFILES['quick'], name=f'quick-b{n}', epochs=n // 50) for n in (250, 1000, 4000)})
+SEAN_PROFILES.update({f'quick-b{n}': replace(SEAN_PROFILES['quick'], name=f'quick-b{n}', epochs=n // 50) for n in (250, 1000, 2000)})
 
 # %% ../nbs/02_sean.ipynb #995b1a69
 def semantic_mask(lung: torch.Tensor,  # [B,H,W] long {0 bg,1 left,2 right}

@@ -331,7 +331,7 @@ def update_fidelity_report(row: dict, path, note: str = '') -> 'pd.DataFrame':
     with atomic_path(path) as tmp: open(tmp, 'w').write('\n'.join(head + lines) + '\n')
     return df
 
-# %% ../nbs/03_style_pool.ipynb #1eb4b751
+# %% ../nbs/03_style_pool.ipynb #78aac2c2
 def fidelity_curve(df: 'pd.DataFrame', # rows of synthesis_fidelity.csv
                    names: list,        # synthesizer tags of one architecture (different training budgets)
                    path,               # PNG to write

@@ -564,12 +564,12 @@ with tempfile.TemporaryDirectory() as _d:
 # (synthesizer tag, synthesis mode)) and refuses fewer than `min_seeds` paired seeds. The levels of the benchmark are
 # `sapl.reproduce.DOSE_LEVELS`: the first quick synthesizer decoding whole slices, the current one decoding whole slices,
 # and the current one synthesizing the lungs with matched noise (Eq. 3c); `make reproduce` draws the figure
-# (`reports/gain_vs_fidelity.png`) once their runs exist. The training budgets `quick-b250`, `quick-b1000` and
-# `quick-b4000` give the fidelity-vs-training-time curve of the same architecture:
+# (`reports/gain_vs_fidelity.png`) once their runs exist. The training budgets `quick-b250`, `quick-b1000`, `quick-b2000`
+# and `quick` (4000 iterations) give the fidelity-vs-training-time curve of the same architecture:
 #
 # ```bash
 # .venv/bin/papermill nbs/03_style_pool.ipynb reports/runs/03_fidelity_r0.1.ipynb -p ratio 0.1 \
-#     -p extra_synthesizers quick-spade,quick-b250,quick-b1000,quick-b4000
+#     -p extra_synthesizers quick-spade,quick-b250,quick-b1000,quick-b2000
 # ```
 
 # %%

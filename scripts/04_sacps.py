@@ -217,8 +217,8 @@ class CPS(SACPS):
 # %% [markdown]
 # Named variants: Table II (`cps` = pseudo only, `sacps-synth` = synthetic only, `sacps` = both) and Fig. 8 (style
 # source of SA-CPS: `sacps-self` Self Style, `sacps-pooln` Pool (N), `sacps` Pool (N+)).
-# Dose-response (`03_style_pool`): `sacps-b250`, `sacps-b1000` use the quick synthesizer trained for 250 and 1000
-# generator iterations instead of 2000 (option `sean`, a name in `sapl.sean.SEAN_PROFILES`; `None` = the profile's).
+# Dose-response (`03_style_pool`): `sacps-b250`, `sacps-b1000`, `sacps-b2000` use the quick synthesizer trained for 250, 1000
+# and 2000 generator iterations instead of 4000 (option `sean`, a name in `sapl.sean.SEAN_PROFILES`; `None` = the profile's).
 # `sacps-spade` is SA-CPS as first benchmarked here: the earlier quick synthesizer (`quick-spade`, a SEAN-style
 # convolutional mask branch) decoding the whole image (Eq. 3, `composite=False`). `sacps-whole` uses the quick synthesizer but decodes the whole
 # image (Eq. 3) instead of the lungs with matched noise (Eq. 3c); `sacps-spade-lungs` uses the earlier synthesizer
@@ -228,7 +228,7 @@ class CPS(SACPS):
 #| export
 VARIANTS.update({'cps': ('cps', {}), 'sacps': ('sacps', {}), 'sacps-synth': ('sacps', {'pseudo': False}),
                  'sacps-self': ('sacps', {'style': 'self'}), 'sacps-pooln': ('sacps', {'style': 'all'}),
-                 **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000)},
+                 **{f'sacps-b{n}': ('sacps', {'sean': f'quick-b{n}'}) for n in (250, 1000, 2000)},
                  'sacps-whole': ('sacps', {'composite': False}),
                  'sacps-spade': ('sacps', {'sean': 'quick-spade', 'composite': False}),
                  'sacps-spade-lungs': ('sacps', {'sean': 'quick-spade'})})

@@ -526,7 +526,8 @@ test_eq(len([l for l in _c if l.startswith('| SA-CPS − CPS | 3 |')]), 1); asse
 #
 # Four SA-CPS variants differ only in the synthetic images they train on: the first quick synthesizer (`quick-spade`)
 # decoding whole slices (`sacps-spade`) or only the lungs, pasted into the real slice with matched noise
-# (`sacps-spade-lungs`, Eq. 3c), and the current one (`quick`) the same two ways (`sacps-whole`, `sacps`). Their paired gains over CPS (Eq. F4 in
+# (`sacps-spade-lungs`, Eq. 3c), the current one (`quick`, 4000 iterations) the same two ways (`sacps-whole`,
+# `sacps`), and the current architecture stopped at 2000 iterations, lungs with matched noise (`sacps-b2000`). Their paired gains over CPS (Eq. F4 in
 # `03_style_pool`) are plotted against the fidelity row of their synthesis in `reports/synthesis_fidelity.csv`
 # (C2ST AUC: 1.0 = always told apart from real slices, 0.5 = indistinguishable). Written as `gain_vs_fidelity.png/.md`
 # when at least two variants have 5 seeds paired with CPS and the fidelity table exists.
@@ -534,6 +535,7 @@ test_eq(len([l for l in _c if l.startswith('| SA-CPS − CPS | 3 |')]), 1); asse
 # %%
 #| export
 DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': ('quick', 'whole (Eq. 3)'),
+               'sacps-b2000': ('quick-b2000', 'lungs + noise (Eq. 3c)'),
                'sacps': ('quick', 'lungs + noise (Eq. 3c)'), 'sacps-spade-lungs': ('quick-spade', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
 
 def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:
