@@ -36,6 +36,7 @@ EXPERIMENTS = [
     Experiment('sacps-self', '04_sacps', 1, 'SA-CPS, Self Style'),
     Experiment('sacps-pooln', '04_sacps', 1, 'SA-CPS, Pool (N)'),
     Experiment('sacps-whole', '04_sacps', 1, 'SA-CPS, whole image decoded (Eq. 3)'),
+    Experiment('sacps-b2000', '04_sacps', 1, 'SA-CPS, synthesizer stopped at 2000 iterations'),
     Experiment('sacps-spade', '04_sacps', 1, 'SA-CPS, first synthesizer (quick-spade, Eq. 3)'),
     Experiment('sacps-spade-lungs', '04_sacps', 1, 'SA-CPS, first synthesizer, lungs + noise (Eq. 3c)'),
     Experiment('st', '05_sast', 1, 'Self-Training'),
@@ -165,12 +166,12 @@ def summary_table(per_seed: pd.DataFrame, variants, ratio) -> pd.DataFrame:
 # %% ../nbs/09_reproduce.ipynb #498c5c2e
 TABLE_II = [('cps', '✓', '✓', ''), ('sacps-synth', '✓', '', '✓'), ('sacps', '✓', '✓', '✓')]
 TABLE_III = [('st', '✓', '✓', ''), ('sast-synth', '✓', '', '✓'), ('sast', '✓', '✓', '✓')]
-SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'sacps-spade-lungs', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
+SINGLE = ['baseline', 'mt', 'uamt', 'cct', 'udc', 'selfens', 'cps', 'sacps', 'sacps-whole', 'sacps-b2000', 'sacps-spade', 'sacps-spade-lungs', 'bcp', 'unimatch', 'sa-mt', 'sa-bcp', 'sa-unimatch']
 MULTI = ['semiinfnet', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade']
 CLAIMS = [('sacps', 'cps'), ('sast', 'st'), ('sast+sacps', 'st'),  # the paper's claims: A beats B
           ('sa-mt', 'mt'), ('sa-bcp', 'bcp'), ('sa-unimatch', 'unimatch'),  # synthesis as a plug-in
           ('sacps-spade', 'cps'), ('sast-spade', 'st'), ('sast+sacps-spade', 'st'),  # the claims with the first synthesizer
-          ('sacps', 'sacps-spade'), ('sacps', 'sacps-whole'), ('sacps-spade-lungs', 'cps')]  # which synthesis helps SA-CPS more
+          ('sacps', 'sacps-spade'), ('sacps', 'sacps-whole'), ('sacps-spade-lungs', 'cps'), ('sacps-b2000', 'cps')]  # which synthesis helps SA-CPS more
 DELTAS_II = [('sacps', 'cps'), ('sacps', 'sacps-synth')]
 DELTAS_III = [('sast', 'st'), ('sast', 'sast-synth')]
 DELTAS_FIG8 = [('sacps', 'sacps-self'), ('sacps', 'sacps-pooln')]
@@ -361,7 +362,7 @@ def learning_curves(common: dict, ratio: float, seed: int, report_dir='reports')
     return [rd/'learning_curves.md', rd/'learning_curves.png', rd/'learning_curves.csv']
 
 # %% ../nbs/09_reproduce.ipynb #502b1a29
-SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'sacps-whole', 'sacps-spade', 'sacps-spade-lungs', 'mt', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade')  # the predicting U-Net (s1 of two)
+SELECTION_VARIANTS = ('baseline', 'full', 'cps', 'sacps', 'sacps-whole', 'sacps-b2000', 'sacps-spade', 'sacps-spade-lungs', 'mt', 'st', 'sast', 'sast+sacps', 'sast-spade', 'sast+sacps-spade')  # the predicting U-Net (s1 of two)
 
 def _selection_claims(t: pd.DataFrame) -> list:
     "The paper's claims (CLAIMS) as paired t-intervals over seeds (Eq. S2) under each rule, where both methods have runs."
