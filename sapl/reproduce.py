@@ -60,7 +60,8 @@ EXPERIMENTS = [
 BY_VARIANT = {e.variant: e for e in EXPERIMENTS}
 TABLE_V_RATIO = 0.05  # nominal: the MosMedData-like split fixes 6 labeled of 126 training studies
 DEMO = ('sean', 'baseline', 'full', 'cps', 'sacps')  # make demo: the paper's central comparison, SA-CPS against CPS
-DEMO_DATA = dict(data_dir='data/phantom-demo', n_volumes=80, report_dir='reports/demo', out_dir='runs/demo', epochs=12)  # a smaller phantom, 600 iterations
+DEMO_DATA = dict(data_dir='data/phantom-demo', n_volumes=80, report_dir='reports/demo', out_dir='runs/demo', epochs=12,  # a smaller phantom, 600 iterations
+                 sean='quick-b2000')  # and the synthesizer at half the benchmark's training budget
 CORE = DEMO + ('st', 'sast', 'sast+sacps', 'mt', 'sacps-synth', 'sast-synth', 'sacps-self', 'sacps-pooln')
 
 # %% ../nbs/09_reproduce.ipynb #1c524edc
@@ -80,6 +81,7 @@ def params_for(e: Experiment, common: dict, ratio: float, seed: int, report_dir=
     if e.notebook == '03_style_pool': p.pop('epochs', None); p['seed'] = 0  # the synthesizer's own schedule and seed
     if e.notebook in ('04_sacps', '05_sast'): p['variant'] = e.variant
     if e.notebook == '04_sacps': p['benchmark'] = False
+    if e.notebook not in ('03_style_pool', '04_sacps'): p.pop('sean', None)   # a synthesizer override reaches SEAN and SA-CPS runs only
     if e.notebook == '07_baselines': p['methods'] = e.variant
     if e.notebook == '01_unet': p['methods'] = 'baseline,full'  # full supervision is trained once (run folder r1) and reused
     return p
@@ -89,8 +91,9 @@ def done(e: Experiment, common: dict, ratio: float, seed: int) -> bool:
         from sapl.style_pool import sean_dir
         from sapl.sean import SEAN_PROFILES
         import torch
-        ck = sean_dir(common['out_dir'], common['dataset'], common['profile'], ratio, 0)/'last.pt'
-        return ck.exists() and torch.load(ck, weights_only=True)['epoch'] >= SEAN_PROFILES[common['profile']].epochs
+        cfg = SEAN_PROFILES[common.get('sean') or common['profile']]
+        ck = sean_dir(common['out_dir'], common['dataset'], common['profile'], ratio, 0, cfg)/'last.pt'
+        return ck.exists() and torch.load(ck, weights_only=True)['epoch'] >= cfg.epochs
     return (run_dir(common['out_dir'], common['dataset'], common['profile'], ratio, seed, e.variant)/'test.csv').exists()
 
 def run_one(e: Experiment, common: dict, ratio: float, seed: int, report_dir='reports', root=None) -> Path:
@@ -456,6 +459,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--variants', nargs='+', default=None, help=f"subset of {[e.variant for e in EXPERIMENTS]}")
     ap.add_argument('--out-dir', default='runs'); ap.add_argument('--report-dir', default='reports')
     ap.add_argument('--device', default='cpu')
+    ap.add_argument('--sean', default=None, help='synthesizer configuration of the SEAN and SA-CPS runs (a name in sapl.sean.SEAN_PROFILES); default: the profile\'s')
     ap.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1), help='runs in parallel (each single-threaded when > 1)')
     ap.add_argument('--demo', action='store_true', help='the make demo job (see the README)')
     ap.add_argument('--collect-only', action='store_true', help='only rebuild tables and figures from finished runs')
@@ -487,7 +491,7 @@ def main(argv=None):
         if a.data_dir == 'data/phantom': a.data_dir = DEMO_DATA['data_dir']
         if a.report_dir == 'reports': a.report_dir = DEMO_DATA['report_dir']
         if a.out_dir == 'runs': a.out_dir = DEMO_DATA['out_dir']   # its own runs and synthesizer: never the benchmark's folders
-        a.epochs = a.epochs or DEMO_DATA['epochs']
+        a.epochs = a.epochs or DEMO_DATA['epochs']; a.sean = a.sean or DEMO_DATA['sean']
         from sapl.data import ensure_phantom
         ensure_phantom(resolve(a.data_dir), DEMO_DATA['n_volumes'])
     if a.curves: a.ratios, a.seeds, a.variants, a.epochs = a.ratios[:1], a.seeds[:1], list(CURVE_VARIANTS), a.curves
@@ -501,7 +505,8 @@ def main(argv=None):
     if 'sast+sacps' in variants and 'sacps' not in variants: variants.append('sacps')
     if any(BY_VARIANT[v].notebook in ('04_sacps', '05_sast') for v in variants) and 'sean' not in variants: variants.insert(0, 'sean')
     out_dir = resolve(a.out_dir)/'curves' if a.curves else resolve(a.out_dir)
-    common = dict(dataset=a.dataset, data_dir=str(resolve(a.data_dir)), profile=a.profile, epochs=a.epochs, out_dir=str(out_dir), device=a.device)
+    common = dict(dataset=a.dataset, data_dir=str(resolve(a.data_dir)), profile=a.profile, epochs=a.epochs, out_dir=str(out_dir), device=a.device,
+                  **({'sean': a.sean} if a.sean else {}))
     t0 = time.time()
     data = prepare_data(a.dataset, common['data_dir'], a.ratios[0], a.profile)  # build the data set and its cache once, before parallel runs
     print(f"data: {data.summary()}; data hash {data.fingerprint()}", flush=True)

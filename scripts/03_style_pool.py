@@ -640,6 +640,7 @@ device = 'cpu'
 K = 10
 extra_synthesizers = ''    # comma-separated names in sapl.sean.SEAN_PROFILES, measured beside the profile's
 fidelity = True            # measure fidelity (reports/synthesis_fidelity.md)
+sean = None                # the synthesizer configuration (a name in sapl.sean.SEAN_PROFILES); None: the profile's
 
 # %%
 import os, tempfile
@@ -651,7 +652,9 @@ IN_TEST = bool(os.environ.get('IN_TEST'))
 if IN_TEST: profile, data_dir, epochs, out_dir = 'smoke', 'data/phantom-smoke', 1, tempfile.mkdtemp(); report_dir = out_dir
 data = prepare_data(dataset, data_dir, ratio, profile)
 print(data.summary())
-gen = ensure_sean(data.train_l, out_dir, dataset, profile, ratio, seed, epochs=epochs, device=device)
+from sapl.sean import SEAN_PROFILES
+if IN_TEST: sean = None
+gen = ensure_sean(data.train_l, out_dir, dataset, profile, ratio, seed, epochs=epochs, device=device, cfg=SEAN_PROFILES[sean] if sean else None)
 pool = StylePool.build(gen, data.train_l, 'pos'); pool_n = StylePool.build(gen, data.train_l, 'all')
 print(f"style pool: N+ = {len(pool)} codes with infection, N = {len(pool_n)} labeled slices")
 
@@ -704,8 +707,9 @@ if fidelity:
             f"{len(data.test)} test volumes (C2ST: trained on half of these volumes, scored on the other half); DSC and W1 on the test volumes.")
     rows = []
     modes = {'whole (Eq. 3)': dict(background=False), 'lungs (Eq. 3b)': dict(ct_noise=False), 'lungs + noise (Eq. 3c)': {}}
-    for name in [profile] + [s.strip() for s in extra_synthesizers.split(',') if s.strip()]:
-        scfg = SEAN_PROFILES[name] if name != profile or epochs is None else replace(SEAN_PROFILES[name], epochs=epochs)
+    first = sean or profile
+    for name in [first] + [s.strip() for s in extra_synthesizers.split(',') if s.strip()]:
+        scfg = SEAN_PROFILES[name] if name != first or epochs is None else replace(SEAN_PROFILES[name], epochs=epochs)
         g = ensure_sean(data.train_l, out_dir, dataset, profile, ratio, seed, device=device, cfg=scfg)
         p = StylePool.build(g, data.train_l, 'pos')
         log_df = pd.read_csv(sean_dir(out_dir, dataset, profile, ratio, seed, scfg)/'log.csv')
@@ -715,7 +719,7 @@ if fidelity:
             row = {'synthesizer': sean_tag(scfg), 'mode': mode, 'iterations': int(log_df.iters.sum()), 'train_min': log_df.seconds.sum()/60,
                    **segmenter_gap(unet.predict, te), 'c2st_auc': c2st_auc(fs, seed, iters=20 if IN_TEST else 400), **region_wasserstein(te)}
             rows.append(row); update_fidelity_report(row, resolve(report_dir)/'synthesis_fidelity.md', note)
-        if name != profile: fig7(data.test, g, p, resolve(report_dir)/f'fig7_r{ratio:g}_{name}.png', n=2 if IN_TEST else 3, K=K, whole=name == 'quick-spade')
+        if name != first: fig7(data.test, g, p, resolve(report_dir)/f'fig7_r{ratio:g}_{name}.png', n=2 if IN_TEST else 3, K=K, whole=name == 'quick-spade')
     budgets = [sean_tag(SEAN_PROFILES[n]) for n in SEAN_PROFILES if n == profile or n.startswith(f'{profile}-b')]
     fidelity_curve(pd.read_csv(resolve(report_dir)/'synthesis_fidelity.csv'), budgets, resolve(report_dir)/'synthesis_fidelity.png')
     print((resolve(report_dir)/'synthesis_fidelity.md').read_text())

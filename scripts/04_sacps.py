@@ -252,9 +252,11 @@ out_dir = 'runs'
 device = 'cpu'
 variant = 'sacps'          # 'sacps' | 'cps' | 'sacps-synth' | 'sacps-self' | 'sacps-pooln'
 benchmark = True           # time SA-CPS vs CPS iterations
+sean = None                # option sean of an SA-CPS variant (a name in sapl.sean.SEAN_PROFILES); None: the variant's own
 
 # %%
 import os, tempfile
+from dataclasses import replace
 from sapl.data import prepare_data
 from sapl.train import RunConfig, run, evaluate_run
 from sapl.eval import summarize
@@ -262,6 +264,7 @@ from sapl.eval import summarize
 IN_TEST = bool(os.environ.get('IN_TEST'))
 cfg = RunConfig(dataset=dataset, data_dir=data_dir, ratio=ratio, profile=profile, epochs=epochs, seed=seed,
                 split_dir=split_dir, out_dir=out_dir, device=device).variant(variant)
+if sean and cfg.opts.get('synthetic', True) and cfg.method == 'sacps': cfg = replace(cfg, opts={**cfg.opts, 'sean': sean})
 if IN_TEST: cfg = cfg.smoke(out_dir=tempfile.mkdtemp())
 cfg
 
