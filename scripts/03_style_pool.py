@@ -729,7 +729,8 @@ if fidelity:
 # ## Explorer
 #
 # Pick a test slice, a pseudo-label source (ground truth, an edited mask, or a model's prediction when its checkpoint
-# exists), K and the style source; the synthetic image updates. Needs a live kernel (ipywidgets).
+# exists), K, the style source and what is synthesized (the lungs with matched noise, as SA-CPS and SA-ST use them; the
+# lungs alone; or the whole slice, the paper's Eq. 3); the synthetic image updates. Needs a live kernel (ipywidgets).
 
 # %%
 def explorer(vols, gen, pool, pool_n, predict=None):
@@ -744,6 +745,7 @@ def explorer(vols, gen, pool, pool_n, predict=None):
     k = W.IntSlider(description='K', value=10, min=1, max=30)
     sty = W.Dropdown(description='style', options=['Pool (N+)', 'Pool (N)', 'Self Style'])
     seedw = W.IntText(description='seed', value=0)
+    mode = W.Dropdown(description='synthesize', options=['lungs + noise (Eq. 3c)', 'lungs (Eq. 3b)', 'whole slice (Eq. 3)'])
     def draw(*_):
         i, j = index[sl.value]; v = vols[i]
         x = torch.from_numpy(v.image[j:j+1])[:, None]; lung = torch.from_numpy(v.lung[j:j+1]).long()
@@ -753,13 +755,15 @@ def explorer(vols, gen, pool, pool_n, predict=None):
         ypt = torch.from_numpy(yp)[None].float()
         if sty.value == 'Self Style': sc = self_style(gen, x, lung, ypt)
         else: sc, _ = sample_reference(pool if sty.value == 'Pool (N+)' else pool_n, k.value, torch.Generator().manual_seed(seedw.value))
-        xs = synthesize_pseudo(gen, lung, ypt, sc)[0, 0].numpy()
+        lay = pseudo_layout(lung, ypt); xs = synthesize(gen, lay, sc)
+        if not mode.value.startswith('whole'): xs = composite(xs, x, lay, mode.value.startswith('lungs +'), torch.Generator().manual_seed(seedw.value))
+        xs = xs[0, 0].numpy()
         fig = Figure(figsize=(7.5, 2.6)); ax = fig.subplots(1, 3)
         for a, (im, m, t) in zip(ax, [(v.image[j], None, f'{v.id} z={int(v.z[j])}'), (v.image[j], yp, 'pseudo-label'), (xs, None, 'synthetic')]):
             a.imshow(im, cmap='gray', vmin=0, vmax=1); a.set_axis_off(); a.set_title(t, fontsize=8)
             if m is not None: a.contour(m, levels=[.5], colors='r', linewidths=.8)
         buf = io.BytesIO(); fig.savefig(buf, format='png'); img.value = buf.getvalue()
-    for w in (sl, src, k, sty, seedw): w.observe(draw, 'value')
-    draw(); return W.VBox([W.HBox([sl, src]), W.HBox([k, sty, seedw]), img])
+    for w in (sl, src, k, sty, seedw, mode): w.observe(draw, 'value')
+    draw(); return W.VBox([W.HBox([sl, src, mode]), W.HBox([k, sty, seedw]), img])
 
 explorer(data.test, gen, pool, pool_n)
