@@ -425,8 +425,8 @@ DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': (
                'sacps-b2000': ('quick-b2000', 'lungs + noise (Eq. 3c)'),
                'sacps': ('quick', 'lungs + noise (Eq. 3c)'), 'sacps-spade-lungs': ('quick-spade', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
 
-def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:
-    "Paired gains of the DOSE_LEVELS over CPS against their fidelity (Eq. F4): gain_vs_fidelity.png and .md in `rd`."
+def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, min_seeds: int = 5) -> list:
+    "Paired gains of the DOSE_LEVELS over CPS against both fidelity measures (Eq. F4): gain_vs_fidelity.md, gain_vs_c2st.png, gain_vs_gap.png in `rd`."
     from sapl.style_pool import gain_vs_fidelity, sean_tag
     from sapl.sean import SEAN_PROFILES
     fid = Path(rd)/'synthesis_fidelity.csv'
@@ -438,16 +438,18 @@ def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_
     fidelity = pd.read_csv(fid)
     levels = {v: k for v, k in levels.items() if ((fidelity.synthesizer == k[0]) & (fidelity['mode'] == k[1])).any()}
     if len(levels) < 2: return []
-    summ = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_fidelity.png', metric=metric, min_seeds=min_seeds)
+    summ = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_c2st.png', metric='c2st_auc', min_seeds=min_seeds)
+    gap = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_gap.png', metric='abs_dsc_gap', min_seeds=min_seeds)
+    summ = summ.merge(gap[['variant', 'abs_dsc_gap']], on='variant')
     lines = ['# SA-CPS gain over CPS against synthesis fidelity', '', f'{ratio:.0%} labeled; paired over seeds (Eq. F4); '
-             f'fidelity from `synthesis_fidelity.md` ({metric}).', '',
-             f'| variant | synthesis | {metric} | seeds | Δ DSC (pts) | 95 % CI | verdict |', '|---|---|---|---|---|---|---|']
+             'fidelity from `synthesis_fidelity.md` (C2ST AUC and |segmenter DSC gap|, Eq. F1-F2).', '',
+             '| variant | synthesis | C2ST AUC | abs. DSC gap | seeds | Δ DSC vs CPS (pts) | 95 % CI | verdict |', '|---|---|---|---|---|---|---|---|']
     from sapl.stats import verdict
-    for r in summ.sort_values(metric, ascending=False).itertuples():
-        lines.append(f"| {r.variant} | {r.synthesizer} | {getattr(r, metric):.3f} | {r.count} | {100*r.mean:+.2f} | "
+    for r in summ.sort_values('abs_dsc_gap', ascending=False).itertuples():
+        lines.append(f"| {r.variant} | {r.synthesizer} | {r.c2st_auc:.3f} | {r.abs_dsc_gap:.3f} | {r.count} | {100*r.mean:+.2f} | "
                      f"[{100*r.ci_lo:+.2f}, {100*r.ci_hi:+.2f}] | {verdict(r.ci_lo, r.ci_hi)} |")
     _atomic_text(Path(rd)/'gain_vs_fidelity.md', '\n'.join(lines) + '\n')
-    return [Path(rd)/'gain_vs_fidelity.png', Path(rd)/'gain_vs_fidelity.md']
+    return [Path(rd)/'gain_vs_c2st.png', Path(rd)/'gain_vs_gap.png', Path(rd)/'gain_vs_fidelity.md']
 
 # %% ../nbs/09_reproduce.ipynb #c6571a53
 def _parser() -> argparse.ArgumentParser:

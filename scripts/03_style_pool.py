@@ -583,6 +583,7 @@ def gain_vs_fidelity(per_seed: 'pd.DataFrame', # columns variant, seed, dsc (one
     import pandas as pd
     from scipy import stats
     base = per_seed[per_seed.variant == baseline].groupby('seed').dsc.mean()
+    fidelity = fidelity.assign(abs_dsc_gap=fidelity.dsc_gap.abs()) if 'dsc_gap' in fidelity else fidelity   # |Eq. F1|
     fid = fidelity.assign(mode=fidelity['mode'].fillna('') if 'mode' in fidelity else '').set_index(['synthesizer', 'mode'])[metric]
     pts = []
     for v, key in levels.items():
@@ -604,7 +605,7 @@ def gain_vs_fidelity(per_seed: 'pd.DataFrame', # columns variant, seed, dsc (one
         sns.stripplot(data=pts, x=metric, y='gain', hue='variant', native_scale=True, jitter=False, alpha=.5, ax=ax, legend=False)
         ax.errorbar(summ[metric], summ['mean'], yerr=[summ['mean'] - summ.ci_lo, summ.ci_hi - summ['mean']], fmt='o', color='k', capsize=4)
         ax.axhline(0, color='grey', lw=.8, ls='--')
-        ax.set_xlabel({'dsc_gap': 'segmenter DSC gap (real - synthetic)', 'c2st_auc': 'C2ST AUC'}.get(metric, metric))
+        ax.set_xlabel({'dsc_gap': 'segmenter DSC gap (real - synthetic)', 'abs_dsc_gap': '|segmenter DSC gap|', 'c2st_auc': 'C2ST AUC'}.get(metric, metric))
         ax.set_ylabel(f'DSC gain over {baseline.upper()} (paired)'); ax.set_title('gain vs synthesis fidelity', fontsize=10)
         fig.tight_layout(); path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp: fig.savefig(tmp, format='png', dpi=120)

@@ -532,8 +532,9 @@ test_eq(len([l for l in _c if l.startswith('| SA-CPS − CPS | 3 |')]), 1); asse
 # decoding whole slices (`sacps-spade`) or only the lungs, pasted into the real slice with matched noise
 # (`sacps-spade-lungs`, Eq. 3c), the current one (`quick`, 4000 iterations) the same two ways (`sacps-whole`,
 # `sacps`), and the current architecture stopped at 2000 iterations, lungs with matched noise (`sacps-b2000`). Their paired gains over CPS (Eq. F4 in
-# `03_style_pool`) are plotted against the fidelity row of their synthesis in `reports/synthesis_fidelity.csv`
-# (C2ST AUC: 1.0 = always told apart from real slices, 0.5 = indistinguishable). Written as `gain_vs_fidelity.png/.md`
+# `03_style_pool`) are plotted against the fidelity row of their synthesis in `reports/synthesis_fidelity.csv`, once against
+# the C2ST AUC (1.0 = always told apart from real slices, 0.5 = indistinguishable; `gain_vs_c2st.png`) and once against
+# the size of the segmenter gap ($|\Delta_{DSC}|$ of Eq. F1; `gain_vs_gap.png`), with the table in `gain_vs_fidelity.md`. Written
 # when at least two variants have 5 seeds paired with CPS and the fidelity table exists.
 
 # %%
@@ -542,8 +543,8 @@ DOSE_LEVELS = {'sacps-spade': ('quick-spade', 'whole (Eq. 3)'), 'sacps-whole': (
                'sacps-b2000': ('quick-b2000', 'lungs + noise (Eq. 3c)'),
                'sacps': ('quick', 'lungs + noise (Eq. 3c)'), 'sacps-spade-lungs': ('quick-spade', 'lungs + noise (Eq. 3c)')}   # variant: (synthesizer profile, synthesis mode)
 
-def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_auc', min_seeds: int = 5) -> list:
-    "Paired gains of the DOSE_LEVELS over CPS against their fidelity (Eq. F4): gain_vs_fidelity.png and .md in `rd`."
+def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, min_seeds: int = 5) -> list:
+    "Paired gains of the DOSE_LEVELS over CPS against both fidelity measures (Eq. F4): gain_vs_fidelity.md, gain_vs_c2st.png, gain_vs_gap.png in `rd`."
     from sapl.style_pool import gain_vs_fidelity, sean_tag
     from sapl.sean import SEAN_PROFILES
     fid = Path(rd)/'synthesis_fidelity.csv'
@@ -555,16 +556,18 @@ def dose_response(ps: pd.DataFrame, ratio: float, rd: Path, metric: str = 'c2st_
     fidelity = pd.read_csv(fid)
     levels = {v: k for v, k in levels.items() if ((fidelity.synthesizer == k[0]) & (fidelity['mode'] == k[1])).any()}
     if len(levels) < 2: return []
-    summ = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_fidelity.png', metric=metric, min_seeds=min_seeds)
+    summ = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_c2st.png', metric='c2st_auc', min_seeds=min_seeds)
+    gap = gain_vs_fidelity(sub, levels, fidelity, Path(rd)/'gain_vs_gap.png', metric='abs_dsc_gap', min_seeds=min_seeds)
+    summ = summ.merge(gap[['variant', 'abs_dsc_gap']], on='variant')
     lines = ['# SA-CPS gain over CPS against synthesis fidelity', '', f'{ratio:.0%} labeled; paired over seeds (Eq. F4); '
-             f'fidelity from `synthesis_fidelity.md` ({metric}).', '',
-             f'| variant | synthesis | {metric} | seeds | Δ DSC (pts) | 95 % CI | verdict |', '|---|---|---|---|---|---|---|']
+             'fidelity from `synthesis_fidelity.md` (C2ST AUC and |segmenter DSC gap|, Eq. F1-F2).', '',
+             '| variant | synthesis | C2ST AUC | abs. DSC gap | seeds | Δ DSC vs CPS (pts) | 95 % CI | verdict |', '|---|---|---|---|---|---|---|---|']
     from sapl.stats import verdict
-    for r in summ.sort_values(metric, ascending=False).itertuples():
-        lines.append(f"| {r.variant} | {r.synthesizer} | {getattr(r, metric):.3f} | {r.count} | {100*r.mean:+.2f} | "
+    for r in summ.sort_values('abs_dsc_gap', ascending=False).itertuples():
+        lines.append(f"| {r.variant} | {r.synthesizer} | {r.c2st_auc:.3f} | {r.abs_dsc_gap:.3f} | {r.count} | {100*r.mean:+.2f} | "
                      f"[{100*r.ci_lo:+.2f}, {100*r.ci_hi:+.2f}] | {verdict(r.ci_lo, r.ci_hi)} |")
     _atomic_text(Path(rd)/'gain_vs_fidelity.md', '\n'.join(lines) + '\n')
-    return [Path(rd)/'gain_vs_fidelity.png', Path(rd)/'gain_vs_fidelity.md']
+    return [Path(rd)/'gain_vs_c2st.png', Path(rd)/'gain_vs_gap.png', Path(rd)/'gain_vs_fidelity.md']
 
 
 # %%
@@ -572,8 +575,8 @@ import tempfile
 from sapl.style_pool import sean_tag; from sapl.sean import SEAN_PROFILES as _P
 _ps = pd.DataFrame([dict(variant=v, ratio=.1, seed=s, dsc=.6 + .001*s + g) for s in range(5) for v, g in (('cps', 0), ('sacps', .02), ('sacps-spade', -.01))])
 with tempfile.TemporaryDirectory() as _d:
-    pd.DataFrame([dict(synthesizer=sean_tag(_P[n]), mode=m, c2st_auc=a) for n, m, a in (('quick', 'lungs + noise (Eq. 3c)', .53), ('quick-spade', 'whole (Eq. 3)', 1.))]).to_csv(f'{_d}/synthesis_fidelity.csv', index=False)
-    test_eq(len(dose_response(_ps, .1, Path(_d))), 2); assert '| +2.00 |' in open(f'{_d}/gain_vs_fidelity.md').read()
+    pd.DataFrame([dict(synthesizer=sean_tag(_P[n]), mode=m, c2st_auc=a, dsc_gap=g) for n, m, a, g in (('quick', 'lungs + noise (Eq. 3c)', .53, -.01), ('quick-spade', 'whole (Eq. 3)', 1., .04))]).to_csv(f'{_d}/synthesis_fidelity.csv', index=False)
+    test_eq(len(dose_response(_ps, .1, Path(_d))), 3); assert '| +2.00 |' in open(f'{_d}/gain_vs_fidelity.md').read()
     test_eq(dose_response(_ps[_ps.seed < 4], .1, Path(_d)), [])   # fewer than 5 seeds paired with CPS: nothing written
 
 
