@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from sapl.unet import l_seg, l_sup
 from sapl.train import Method, register, VARIANTS
-from sapl.style_pool import StylePool, sean_lock, split_synthesizer, check_sean, sample_reference, synthesize_pseudo, self_style
+from sapl.style_pool import StylePool, split_synthesizer, check_sean, sample_reference, synthesize_pseudo, self_style
 
 
 # %% [markdown]
@@ -140,7 +140,7 @@ class SynthesisSetup:
     "Mixin of a `Method` with options `style`, `K`, `sean_seed`, `sean`, `composite`: the split's synthesizer, its style pool, SC_ref per iteration."
     def setup_synthesis(self, tr):
         "Load (or first train) the split's synthesizer, frozen, and build the style pool of option `style`."
-        self.gen = split_synthesizer(tr.data.train_l, self.cfg, self.o['sean_seed'], self.o.get('sean'), tr.progress).to(tr.device)
+        self.gen = split_synthesizer(tr.data.train_l, self.cfg, self.o['sean_seed'], self.o['sean'], tr.progress).to(tr.device)
         self.pool = None if self.o['style'] == 'self' else StylePool.build(self.gen, tr.data.train_l, kind=self.o['style'])
 
     def reference(self, tr, xu, lung, yp) -> torch.Tensor:
@@ -152,7 +152,7 @@ class SynthesisSetup:
 
     def background(self, xu: torch.Tensor) -> torch.Tensor|None:
         "The real slices kept outside the lungs of a synthetic image (option `composite`, Eq. 3b), or None (Eq. 3)."
-        return xu if self.o.get('composite', True) else None
+        return xu if self.o['composite'] else None
 
     def noise_generator(self, tr) -> torch.Generator:
         "Seeded source of this iteration's noise (Eq. 3c), apart from the global stream the host method draws from."
