@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.data import DataLoader, Dataset
 from .train import rng_state, set_rng_state, save_checkpoint, load_checkpoint
@@ -21,7 +22,7 @@ __all__ = ['SEAN_PROFILES', 'VGG_WEIGHTS', 'SeanConfig', 'semantic_mask', 'one_h
            'ACENorm', 'SEANBlock', 'Decoder', 'SEAN', 'PatchDiscriminator', 'MultiScaleDiscriminator', 'hinge_d_loss',
            'hinge_g_loss', 'feature_matching_loss', 'l1_loss', 'VGG19Features', 'vgg_loss', 'config_dict',
            'config_from_dict', 'make_optimizers', 'load_sean', 'train_sean', 'synthesize', 'encode_style',
-           'region_control', 'toy_mask', 'ToySlices']
+           'freeze_synthesizer', 'region_control', 'toy_mask', 'ToySlices']
 
 # %% ../nbs/02_sean.ipynb #280869d9
 @dataclass(frozen=True)
@@ -548,6 +549,14 @@ def encode_style(gen_or_encoder: nn.Module, # SEAN or StyleEncoder
     dev = _device(enc)
     with _eval_mode(enc):
         return enc(image.to(dev).float() * 2 - 1, mask.to(dev).long())
+
+# %% ../nbs/02_sean.ipynb #dd2e2c0c
+def freeze_synthesizer(gen: nn.Module) -> nn.Module:
+    "Evaluation mode, no gradients, and every spectral norm folded into its weight (Eq. S11); same outputs, in place."
+    gen.eval().requires_grad_(False)
+    for mod in gen.modules():
+        if parametrize.is_parametrized(mod, 'weight'): parametrize.remove_parametrizations(mod, 'weight', leave_parametrized=True)
+    return gen.requires_grad_(False)
 
 # %% ../nbs/02_sean.ipynb #6bc6b5bd
 @torch.no_grad()

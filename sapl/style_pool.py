@@ -15,7 +15,7 @@ from .data import Volume, LabeledSlices, log, resolve, atomic_path, HU_WINDOW
 import hashlib, json, functools
 from contextlib import contextmanager
 from dataclasses import replace
-from .sean import SEAN, SEAN_PROFILES, SeanConfig, config_dict, train_sean, load_sean, synthesize, encode_style, semantic_mask
+from .sean import SEAN, SEAN_PROFILES, SeanConfig, config_dict, train_sean, load_sean, freeze_synthesizer, synthesize, encode_style, semantic_mask
 
 # %% auto #0
 __all__ = ['NOISE_GRAIN', 'FIDELITY_REGIONS', 'FIDELITY_COLUMNS', 'sean_tag', 'sean_dir', 'ensure_sean', 'sean_lock',
@@ -74,7 +74,7 @@ def split_synthesizer(labeled: list, # labeled Volumes of the split
     cfg = SEAN_PROFILES[check_sean(sean) or run.profile]
     with sean_lock(sean_dir(run.out_dir, run.dataset, run.profile, run.ratio, seed, cfg)):
         gen = ensure_sean(labeled, run.out_dir, run.dataset, run.profile, run.ratio, seed, device=run.device, verbose=verbose, cfg=cfg)
-    return gen.eval().requires_grad_(False)
+    return freeze_synthesizer(gen)
 
 # %% ../nbs/03_style_pool.ipynb #afdd62ca
 @dataclass

@@ -25,7 +25,7 @@ from sapl.data import Volume, LabeledSlices, log, resolve, atomic_path, HU_WINDO
 import hashlib, json, functools
 from contextlib import contextmanager
 from dataclasses import replace
-from sapl.sean import SEAN, SEAN_PROFILES, SeanConfig, config_dict, train_sean, load_sean, synthesize, encode_style, semantic_mask
+from sapl.sean import SEAN, SEAN_PROFILES, SeanConfig, config_dict, train_sean, load_sean, freeze_synthesizer, synthesize, encode_style, semantic_mask
 
 
 # %% [markdown]
@@ -89,7 +89,7 @@ def split_synthesizer(labeled: list, # labeled Volumes of the split
     cfg = SEAN_PROFILES[check_sean(sean) or run.profile]
     with sean_lock(sean_dir(run.out_dir, run.dataset, run.profile, run.ratio, seed, cfg)):
         gen = ensure_sean(labeled, run.out_dir, run.dataset, run.profile, run.ratio, seed, device=run.device, verbose=verbose, cfg=cfg)
-    return gen.eval().requires_grad_(False)
+    return freeze_synthesizer(gen)
 
 
 # %%

@@ -331,22 +331,26 @@ fig.tight_layout(); buf = io.BytesIO(); fig.savefig(buf, format='png'); Image(bu
 # second over $\hat x$. With the U-Nets alone (random images instead of $\hat x$, no decoder) the floor is
 # 1.44-1.56× CPS: the extra $B$ images per network.
 #
-# **Measured** (quick profile, batch 8 + 8, one thread, medians of 20 alternated iterations, two runs on an idle
-# 2-core machine): SA-CPS 220-221 ms, CPS 131-132 ms, i.e. **1.68× CPS**; the reference-style step 312 ms, 1.41× ours,
-# and 455-463 ms (2.06-2.11× ours) with the earlier SEAN-style `quick-spade` decoder. Of the 90 ms SA-CPS adds, the
-# second U-Net pass over $\hat x$ (B more images per network, fwd + bwd) takes about two thirds, the batched decoder
-# about 12 ms for 16 layouts, the matched noise of Eq. 3c about 5 ms. The 1.6× target would need a decoder and noise
-# step below 3 ms together, or a U-Net pass that costs less than its share of images; the reference-style gap is
-# small because at this size one decoder call per image costs little more than one batched call (see `02_sean`).
+# **Measured** (quick profile, batch 8 + 8, one thread, medians of 20 alternated iterations, two runs on the 2-core
+# machine with other jobs paused, with the synthesizer's spectral norms folded into its weights, Eq. S11 of `02_sean`): SA-CPS 225-246 ms,
+# CPS 137-150 ms, i.e. **1.64-1.65× CPS** (1.68× before the folding); the reference-style step 1.52× ours, and 2.13-2.15×
+# ours with the earlier SEAN-style `quick-spade` decoder. The synthesis of $(\hat x_1, \hat x_2)$ alone, the part the two
+# organisations differ in, takes 21-22 ms ours against 101-103 ms reference-style: **4.5-4.9× faster**. Of the ~90 ms
+# SA-CPS adds, the second U-Net pass over $\hat x$ (B more images per network, fwd + bwd) takes about two thirds, the
+# batched decoder about 13 ms for 16 layouts, the matched noise of Eq. 3c about 8 ms (most of it the robust medians).
+# The 1.6× target would need the decoder and the noise below about 16 ms together, or a U-Net pass that costs less than
+# its share of images. The whole-step gap to the reference-style organisation is small because at this size one
+# decoder call per image costs little more than one batched call (see `02_sean`); the U-Net passes, alike in both,
+# dominate both steps.
 
 # %%
 import time, statistics, random, tempfile, numpy as np, torch
 from pathlib import Path
 from sapl.train import Trainer
 from sapl.unet import l_seg
-from sapl.sean import SEAN, SEAN_PROFILES, encode_style, semantic_mask, synthesize
+from sapl.sean import SEAN, SEAN_PROFILES, encode_style, semantic_mask, synthesize, freeze_synthesizer
 from sapl.style_pool import pseudo_layout
-from sapl.sacps import SACPS, CPS, pseudo_labels
+from sapl.sacps import SACPS, CPS, pseudo_labels, cross_synthesize
 
 def step(trainer, bl, bu, fn=None):
     trainer.opt.zero_grad(); (fn or trainer.method.train_step)(trainer, bl, bu)['loss'].backward(); trainer.opt.step()
@@ -361,39 +365,50 @@ def time_iterations(steps: dict, n=10) -> dict:
             t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
-def reference_style_step(tr, bl, bu, npy_dir: Path, pos_codes: list) -> dict:
-    "One SA-CPS iteration organised like the official SASSL script (see the text above); same losses as ours."
-    gen, (s1, s2) = tr.method.gen, tr.models
-    xl, y, xu, lung, B = bl['image'], bl['label'], bu['image'], bu['lung'], len(bl['image'])
-    sem_l = semantic_mask(bl['lung'], y)
+def reference_style_synthesis(tr, bl, bu, yp: list, npy_dir: Path, pos_codes: list) -> list:
+    "The synthetic batches (x̂1, x̂2) made the way the official SASSL script makes them (see the text above)."
+    gen, xl, lung, B = tr.method.gen, bl['image'], bu['lung'], len(bl['image'])
+    sem_l = semantic_mask(bl['lung'], bl['label'])
     for i in range(B):                                           # every labeled code re-encoded, one image at a time
         sc = encode_style(gen, xl[i:i+1], sem_l[i:i+1])
         if sc[0, 3].abs().sum() > 0: pos_codes.append(sc)
     draws = pos_codes if len(pos_codes) <= 10 else random.Random(tr.sched.last_epoch).choices(pos_codes, k=10)
     sc_ref = torch.cat(draws or [sc]).mean(0, keepdim=True)
+    xs = []
+    for p in (yp[1], yp[0]):                                     # one decoder call per image
+        lay = pseudo_layout(lung, p); out = []
+        for i in range(B):
+            own = encode_style(gen, bu['image'][i:i+1], lay[i:i+1])
+            np.save(npy_dir/f'style_{i}.npy', own.cpu().numpy())
+            out.append(synthesize(gen, lay[i:i+1], sc_ref))
+        xs.append(torch.cat(out))
+    return xs
+
+def reference_style_step(tr, bl, bu, npy_dir: Path, pos_codes: list) -> dict:
+    "One SA-CPS iteration organised like the official SASSL script (see the text above); same losses as ours."
+    (s1, s2), xl, y, xu, B = tr.models, bl['image'], bl['label'], bu['image'], len(bl['image'])
     yp = []
     for s in (s1, s2):                                           # pseudo-labels from an extra pass in eval mode
         s.eval()
         with torch.no_grad(): yp.append(pseudo_labels(s(xu)))
         s.train()
-    xs = []
-    for p in (yp[1], yp[0]):                                     # one decoder call per image
-        lay = pseudo_layout(lung, p); out = []
-        for i in range(B):
-            own = encode_style(gen, xu[i:i+1], lay[i:i+1])
-            np.save(npy_dir/f'style_{i}.npy', own.cpu().numpy())
-            out.append(synthesize(gen, lay[i:i+1], sc_ref))
-        xs.append(torch.cat(out))
+    xs = reference_style_synthesis(tr, bl, bu, yp, npy_dir, pos_codes)
     z1, z2 = s1(torch.cat([xl, xs[0], xu])), s2(torch.cat([xl, xs[1], xu]))
     lo = lambda z, p: l_seg(z[:B], y) + 0.5*(l_seg(z[B:2*B], p) + l_seg(z[2*B:], p))
     return {'loss': lo(z1, yp[1]) + lo(z2, yp[0])}
+
+def our_synthesis(tr, bu, yp: list) -> tuple:
+    "Ours: SC_ref drawn from the pool built once, both synthetic batches in one decoder call (Eq. 2, 10, 3b, 3c)."
+    m, xu, lung = tr.method, bu['image'], bu['lung']
+    sc = m.reference(tr, xu, lung, torch.maximum(*yp))
+    return cross_synthesize(m.gen, lung, yp[0], yp[1], sc, m.background(xu), m.noise_generator(tr))
 
 if benchmark:
     n_rep = 2 if IN_TEST else 20
     torch.set_num_threads(1)
     t_sa, t_cps, t_ref, t_big = (Trainer(cfg.variant(v), data, progress=False) for v in ('sacps', 'cps', 'sacps', 'sacps'))
     big = 'quick-spade' if cfg.profile == 'quick' else cfg.profile       # the previous, SEAN-style decoder
-    t_big.method.gen = SEAN(SEAN_PROFILES[big]).to(t_big.device).eval().requires_grad_(False)  # untrained: timing only
+    t_big.method.gen = freeze_synthesizer(SEAN(SEAN_PROFILES[big]).to(t_big.device))  # untrained: timing only
     bl, bu = t_sa.next_batch('labeled', t_sa.labeled), t_sa.next_batch('unlabeled', t_sa.unlabeled)
     npy_dir, pos = Path(tempfile.mkdtemp()), ([], [])
     ref = lambda i: (lambda t, a, b: reference_style_step(t, a, b, npy_dir, pos[i]))
@@ -402,6 +417,11 @@ if benchmark:
                            f'reference-style, {big} decoder': lambda: step(t_big, bl, bu, ref(1))}, n_rep)
     print(f"{cfg.profile} profile, batch {len(bl['image'])}+{len(bu['image'])}, {torch.get_num_threads()} thread(s), median of {n_rep}:")
     for k, v in med.items(): print(f"  {k:36s} {1000*v:7.1f} ms/iter  {v/med['CPS']:5.2f}x CPS  {v/med['SA-CPS']:5.2f}x SA-CPS")
+    with torch.no_grad(): yp = [pseudo_labels(s(bu['image'])) for s in t_sa.models]
+    syn = time_iterations({'ours': lambda: our_synthesis(t_sa, bu, yp),
+                           'reference-style': lambda: reference_style_synthesis(t_ref, bl, bu, yp, npy_dir, pos[0])}, n_rep)
+    print(f"  synthesis of (x̂1, x̂2) alone: ours {1000*syn['ours']:.1f} ms, reference-style {1000*syn['reference-style']:.1f} ms "
+          f"({syn['reference-style']/syn['ours']:.2f}x ours)")
     from torch.profiler import profile, ProfilerActivity
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with torch.profiler.record_function('sacps_iteration'):
