@@ -7,6 +7,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('SAPL_SHARED', ROOT.parent/'shared'))
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', "slow: minutes of CPU (every method at 512 px); run by make test, skip with -m 'not slow'")
+
+
 def toy_chest(Z=6, Y=64, X=64, lesion=True, seed=0):
     "A toy chest in (z,y,x): body 40 HU, two lungs at -850 HU (x toward the patient's left), a -400 HU lesion in the left lung."
     r = np.random.default_rng(seed)

@@ -1,6 +1,7 @@
 """The paper profile on the CPU: every registered method at the paper's widths with the paper's SEAN, the 512-px grid,
-mixed precision (bf16 numerics, fp16 loss scaling) and channels_last. SAPL_SLOW=1 adds every method at 512 px."""
-import math, os
+mixed precision (bf16 numerics, fp16 loss scaling) and channels_last. Every method at 512 px is marked `slow`: `make test`
+runs it (a few minutes, about 10 GB of memory for SA-CPS with the paper's SEAN); `pytest -m 'not slow'` leaves it out."""
+import math
 import pytest, torch
 from sapl.data import get_profile
 from sapl.paper_profile import registered_methods, paper_iterations, paper_sean, paper_config, synthetic_bundle
@@ -10,7 +11,7 @@ from sapl.unet import UNet
 
 METHODS = registered_methods()
 PAPER = get_profile('paper')
-slow = pytest.mark.skipif(not os.environ.get('SAPL_SLOW'), reason='every method at 512 px: about 10 min of CPU; SAPL_SLOW=1 runs it')
+slow = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
