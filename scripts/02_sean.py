@@ -879,9 +879,10 @@ test_eq(synthesize(_G, _m[:1].expand(3, -1, -1), _sc), _a)  # deterministic
 
 # %% [markdown]
 # **A frozen synthesizer.** Inside SA-CPS and SA-ST the synthesizer never trains. Each spectrally normalised
-# convolution then still divides its raw weight by the stored estimate of its largest singular value on every call:
+# convolution then still divides its raw weight by the stored estimate of its largest singular value on every call
+# (in evaluation mode the power-iteration vectors $u, v$ stay fixed):
 #
-# $$ W_{SN} = W / \sigma(W), \qquad \sigma(W) \approx u^\top W v \quad \text{(fixed $u, v$ in evaluation mode)} \tag{S11} $$
+# $$ W_{SN} = W / \sigma(W), \qquad \sigma(W) \approx u^\top W v \tag{S11} $$
 #
 # `freeze_synthesizer` puts the network in evaluation mode and stores $W_{SN}$ once in place of $W$, so it is not
 # recomputed in every iteration. The division is the same one evaluation mode does, so the images are bit-identical (checked
