@@ -27,7 +27,7 @@ class Experiment:
     label: str       # name in the tables
 
 EXPERIMENTS = [
-    Experiment('sean', '03_style_pool', 0, 'SEAN synthesizer'),
+    Experiment('sean', '03_style_pool', 1, 'SEAN synthesizer'),   # after the Baseline run its fidelity check reuses
     Experiment('baseline', '01_unet', 0, 'Baseline'),
     Experiment('full', '01_unet', 0, 'Full Supervision'),
     Experiment('cps', '04_sacps', 1, 'CPS'),
@@ -78,7 +78,8 @@ def params_for(e: Experiment, common: dict, ratio: float, seed: int, report_dir=
     p = {**common, 'ratio': ratio, 'seed': seed}
     if e.notebook == '01_unet': p['report_dir'] = str(Path(report_dir)/'baseline_full')
     if e.notebook == '03_style_pool': p['report_dir'] = str(report_dir)
-    if e.notebook == '03_style_pool': p.pop('epochs', None); p['seed'] = 0  # the synthesizer's own schedule and seed
+    if e.notebook == '03_style_pool': p['unet_epochs'] = p.pop('epochs', None); p['seed'] = 0  # the synthesizer's own schedule and seed;
+        # the segmentation epochs name the Baseline run whose U-Net the fidelity check reuses
     if e.notebook in ('04_sacps', '05_sast'): p['variant'] = e.variant
     if e.notebook == '04_sacps': p['benchmark'] = False
     if e.notebook not in ('03_style_pool', '04_sacps'): p.pop('sean', None)   # a synthesizer override reaches SEAN and SA-CPS runs only

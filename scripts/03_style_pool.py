@@ -641,6 +641,7 @@ device = 'cpu'
 K = 10
 extra_synthesizers = ''    # comma-separated names in sapl.sean.SEAN_PROFILES, measured beside the profile's
 fidelity = True            # measure fidelity (reports/synthesis_fidelity.md)
+unet_epochs = None         # epochs of the split's Baseline run (seed `seed`) whose U-Net the segmenter test reuses; None: the profile's
 sean = None                # the synthesizer configuration (a name in sapl.sean.SEAN_PROFILES); None: the profile's
 
 # %%
@@ -701,7 +702,7 @@ from sapl.train import RunConfig, Trainer
 from sapl.sean import SEAN_PROFILES
 if fidelity:
     run = RunConfig(method='baseline', dataset=dataset, data_dir=data_dir, ratio=ratio, profile=profile, seed=seed, out_dir=out_dir,
-                    device=device, **(dict(epochs=1, iters_per_epoch=3) if IN_TEST else {}))
+                    device=device, **(dict(epochs=1, iters_per_epoch=3) if IN_TEST else dict(epochs=unet_epochs)))
     unet = Trainer(run, data, progress=False).fit()   # the U-Net of the segmenter test: the split's Baseline run (reused when finished)
     note = (f"Data: {dataset} in {data_dir}, labeled ratio {ratio:g} ({len(data.train_l)} labeled volumes), profile {profile}, "
             f"synthesizer seed {seed}, K = {K}. Real and synthetic slices share the masks of {len(data.val)} validation + "

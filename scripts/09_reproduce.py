@@ -25,8 +25,10 @@ import pandas as pd
 # ## The experiments
 #
 # Each experiment is a named variant and the notebook that runs it. Stages order the work so that every run finds
-# what it depends on: the synthesizer of each split and the supervised runs first, then the single-stage methods and
-# self-training (whose baseline teacher now exists), then SA-ST with the SA-CPS teacher.
+# what it depends on: the supervised runs first; then the synthesizer of each split (its fidelity check reuses the
+# split's Baseline run, so it must not run beside it), the single-stage methods and self-training (whose baseline
+# teacher now exists); then SA-ST with the SA-CPS teacher. A method that needs the synthesizer while it is being
+# trained waits for it (`split_synthesizer` holds a lock on its folder).
 
 # %%
 #| export
@@ -38,7 +40,7 @@ class Experiment:
     label: str       # name in the tables
 
 EXPERIMENTS = [
-    Experiment('sean', '03_style_pool', 0, 'SEAN synthesizer'),
+    Experiment('sean', '03_style_pool', 1, 'SEAN synthesizer'),   # after the Baseline run its fidelity check reuses
     Experiment('baseline', '01_unet', 0, 'Baseline'),
     Experiment('full', '01_unet', 0, 'Full Supervision'),
     Experiment('cps', '04_sacps', 1, 'CPS'),
@@ -77,6 +79,7 @@ CORE = DEMO + ('st', 'sast', 'sast+sacps', 'mt', 'sacps-synth', 'sast-synth', 's
 
 # %%
 test_eq(BY_VARIANT['sast+sacps'].stage, 2); assert set(DEMO) <= set(CORE) <= set(BY_VARIANT)
+test_eq(BY_VARIANT['sean'].stage, BY_VARIANT['baseline'].stage + 1)   # never beside the Baseline run it reuses
 
 
 # %% [markdown]
@@ -102,7 +105,8 @@ def params_for(e: Experiment, common: dict, ratio: float, seed: int, report_dir=
     p = {**common, 'ratio': ratio, 'seed': seed}
     if e.notebook == '01_unet': p['report_dir'] = str(Path(report_dir)/'baseline_full')
     if e.notebook == '03_style_pool': p['report_dir'] = str(report_dir)
-    if e.notebook == '03_style_pool': p.pop('epochs', None); p['seed'] = 0  # the synthesizer's own schedule and seed
+    if e.notebook == '03_style_pool': p['unet_epochs'] = p.pop('epochs', None); p['seed'] = 0  # the synthesizer's own schedule and seed;
+        # the segmentation epochs name the Baseline run whose U-Net the fidelity check reuses
     if e.notebook in ('04_sacps', '05_sast'): p['variant'] = e.variant
     if e.notebook == '04_sacps': p['benchmark'] = False
     if e.notebook not in ('03_style_pool', '04_sacps'): p.pop('sean', None)   # a synthesizer override reaches SEAN and SA-CPS runs only
@@ -134,6 +138,11 @@ def run_one(e: Experiment, common: dict, ratio: float, seed: int, report_dir='re
                         progress_bar=False, log_output=False, kernel_name='python3')
     print(f"[done] {e.variant} ratio {p['ratio']:g} seed {seed} in {time.time() - t0:.0f}s", flush=True)
     return out
+
+
+# %%
+_p = params_for(BY_VARIANT['sean'], dict(dataset='phantom', profile='quick', epochs=12, out_dir='runs'), 0.1, 3)
+test_eq((_p['unet_epochs'], _p['seed'], 'epochs' in _p), (12, 0, False))   # SEAN keeps its own schedule; the U-Net check finds the 12-epoch Baseline
 
 
 # %% [markdown]
