@@ -556,7 +556,7 @@ def freeze_synthesizer(gen: nn.Module) -> nn.Module:
     gen.eval().requires_grad_(False)
     for mod in gen.modules():
         if parametrize.is_parametrized(mod, 'weight'): parametrize.remove_parametrizations(mod, 'weight', leave_parametrized=True)
-    return gen.requires_grad_(False)
+    return gen.requires_grad_(False)   # again: the folded weights are new Parameters
 
 # %% ../nbs/02_sean.ipynb #6bc6b5bd
 @torch.no_grad()

@@ -897,7 +897,7 @@ def freeze_synthesizer(gen: nn.Module) -> nn.Module:
     gen.eval().requires_grad_(False)
     for mod in gen.modules():
         if parametrize.is_parametrized(mod, 'weight'): parametrize.remove_parametrizations(mod, 'weight', leave_parametrized=True)
-    return gen.requires_grad_(False)
+    return gen.requires_grad_(False)   # again: the folded weights are new Parameters
 
 
 # %%
