@@ -1,6 +1,6 @@
 """The paper profile on the CPU: every registered method at the paper's widths with the paper's SEAN, the 512-px grid,
-mixed precision (bf16 numerics, fp16 loss scaling) and channels_last. Every method at 512 px is marked `slow`: `make test`
-runs it (a few minutes, about 10 GB of memory for SA-CPS with the paper's SEAN); `pytest -m 'not slow'` leaves it out."""
+mixed precision (bf16 numerics, fp16 loss scaling) and channels_last. Every method at 512 px is marked `slow` and run by
+`make test-slow` (minutes, about 11 GB of memory for SA-CPS with the paper's SEAN); `make test` leaves it out."""
 import math
 import pytest, torch
 from sapl.data import get_profile
