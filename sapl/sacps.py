@@ -92,6 +92,11 @@ class SACPS(SynthesisSetup, Method):
     def setup(self, tr):
         if self.o['synthetic']: self.setup_synthesis(tr)
 
+    def synthetic_pair(self, tr, xu, lung, y1p, y2p) -> tuple:
+        "(x̂1, x̂2) of this iteration: SC_ref drawn (Eq. 2), both layouts decoded in one call (Eq. 10, 3b, 3c)."
+        sc = self.reference(tr, xu, lung, torch.maximum(y1p, y2p))
+        return cross_synthesize(self.gen, lung, y1p, y2p, sc, self.background(xu), self.noise_generator(tr))
+
     def train_step(self, tr, bl, bu):
         s1, s2 = tr.models[0], tr.models[1]; o = self.o
         xl, y, xu = bl['image'], bl['label'], bu['image']
@@ -102,8 +107,7 @@ class SACPS(SynthesisSetup, Method):
         out = {'l_s': ls}
         lp = l_pseudo(z1[B:], z2[B:], y1p, y2p) if o['pseudo'] else torch.zeros(())   # Eq. 11
         if o['synthetic']:
-            sc = self.reference(tr, xu, bu['lung'], torch.maximum(y1p, y2p))
-            x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc, self.background(xu), self.noise_generator(tr))   # Eq. 10 (3c)
+            x1, x2 = self.synthetic_pair(tr, xu, bu['lung'], y1p, y2p)                # Eq. 2, 10 (3b, 3c)
             lsyn = l_synthetic(s1(x1), s2(x2), y1p, y2p)                              # Eq. 12
         else: lsyn = torch.zeros(())
         lu = l_unsup(lp, lsyn, o['pseudo'], o['synthetic'])                           # Eq. 13

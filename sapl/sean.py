@@ -553,10 +553,10 @@ def encode_style(gen_or_encoder: nn.Module, # SEAN or StyleEncoder
 # %% ../nbs/02_sean.ipynb #dd2e2c0c
 def freeze_synthesizer(gen: nn.Module) -> nn.Module:
     "Evaluation mode, no gradients, and every spectral norm folded into its weight (Eq. S11); same outputs, in place."
-    gen.eval().requires_grad_(False)
+    gen.eval()                                             # fixed u, v: the weights evaluation mode uses
     for mod in gen.modules():
         if parametrize.is_parametrized(mod, 'weight'): parametrize.remove_parametrizations(mod, 'weight', leave_parametrized=True)
-    return gen.requires_grad_(False)   # again: the folded weights are new Parameters
+    return gen.requires_grad_(False)                       # after folding: the folded weights are new Parameters
 
 # %% ../nbs/02_sean.ipynb #6bc6b5bd
 @torch.no_grad()

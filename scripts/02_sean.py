@@ -894,10 +894,10 @@ test_eq(synthesize(_G, _m[:1].expand(3, -1, -1), _sc), _a)  # deterministic
 #| export
 def freeze_synthesizer(gen: nn.Module) -> nn.Module:
     "Evaluation mode, no gradients, and every spectral norm folded into its weight (Eq. S11); same outputs, in place."
-    gen.eval().requires_grad_(False)
+    gen.eval()                                             # fixed u, v: the weights evaluation mode uses
     for mod in gen.modules():
         if parametrize.is_parametrized(mod, 'weight'): parametrize.remove_parametrizations(mod, 'weight', leave_parametrized=True)
-    return gen.requires_grad_(False)   # again: the folded weights are new Parameters
+    return gen.requires_grad_(False)                       # after folding: the folded weights are new Parameters
 
 
 # %%

@@ -189,6 +189,11 @@ class SACPS(SynthesisSetup, Method):
     def setup(self, tr):
         if self.o['synthetic']: self.setup_synthesis(tr)
 
+    def synthetic_pair(self, tr, xu, lung, y1p, y2p) -> tuple:
+        "(x̂1, x̂2) of this iteration: SC_ref drawn (Eq. 2), both layouts decoded in one call (Eq. 10, 3b, 3c)."
+        sc = self.reference(tr, xu, lung, torch.maximum(y1p, y2p))
+        return cross_synthesize(self.gen, lung, y1p, y2p, sc, self.background(xu), self.noise_generator(tr))
+
     def train_step(self, tr, bl, bu):
         s1, s2 = tr.models[0], tr.models[1]; o = self.o
         xl, y, xu = bl['image'], bl['label'], bu['image']
@@ -199,8 +204,7 @@ class SACPS(SynthesisSetup, Method):
         out = {'l_s': ls}
         lp = l_pseudo(z1[B:], z2[B:], y1p, y2p) if o['pseudo'] else torch.zeros(())   # Eq. 11
         if o['synthetic']:
-            sc = self.reference(tr, xu, bu['lung'], torch.maximum(y1p, y2p))
-            x1, x2 = cross_synthesize(self.gen, bu['lung'], y1p, y2p, sc, self.background(xu), self.noise_generator(tr))   # Eq. 10 (3c)
+            x1, x2 = self.synthetic_pair(tr, xu, bu['lung'], y1p, y2p)                # Eq. 2, 10 (3b, 3c)
             lsyn = l_synthetic(s1(x1), s2(x2), y1p, y2p)                              # Eq. 12
         else: lsyn = torch.zeros(())
         lu = l_unsup(lp, lsyn, o['pseudo'], o['synthetic'])                           # Eq. 13
@@ -295,7 +299,7 @@ bu = default_collate([tr.unlabeled[j] for j in np.linspace(0, len(tr.unlabeled) 
 xu, lung = bu['image'].to(tr.device), bu['lung'].to(tr.device)
 with torch.no_grad():
     y1p, y2p = (pseudo_labels(s(xu), m.o['tau']) for s in tr.models)
-    xs = cross_synthesize(m.gen, lung, y1p, y2p, m.reference(tr, xu, lung, torch.maximum(y1p, y2p)), m.background(xu), m.noise_generator(tr)) if m.gen is not None else None
+    xs = m.synthetic_pair(tr, xu, lung, y1p, y2p) if m.gen is not None else None
 xu, y1p, y2p, xs = xu.cpu(), y1p.cpu(), y2p.cpu(), None if xs is None else [x.cpu() for x in xs]
 cols = [('unlabeled slice', xu, None), ('$y^p_1$ (from $s_1$)', xu, y1p), ('$y^p_2$ (from $s_2$)', xu, y2p)]
 if xs is not None: cols += [(r'$\hat{x}_1$ from $y^p_2$', xs[0], y2p), (r'$\hat{x}_2$ from $y^p_1$', xs[1], y1p)]
@@ -350,7 +354,7 @@ from sapl.train import Trainer
 from sapl.unet import l_seg
 from sapl.sean import SEAN, SEAN_PROFILES, encode_style, semantic_mask, synthesize, freeze_synthesizer
 from sapl.style_pool import pseudo_layout
-from sapl.sacps import SACPS, CPS, pseudo_labels, cross_synthesize
+from sapl.sacps import SACPS, CPS, pseudo_labels
 
 def step(trainer, bl, bu, fn=None):
     trainer.opt.zero_grad(); (fn or trainer.method.train_step)(trainer, bl, bu)['loss'].backward(); trainer.opt.step()
@@ -397,12 +401,6 @@ def reference_style_step(tr, bl, bu, npy_dir: Path, pos_codes: list) -> dict:
     lo = lambda z, p: l_seg(z[:B], y) + 0.5*(l_seg(z[B:2*B], p) + l_seg(z[2*B:], p))
     return {'loss': lo(z1, yp[1]) + lo(z2, yp[0])}
 
-def our_synthesis(tr, bu, yp: list) -> tuple:
-    "Ours: SC_ref drawn from the pool built once, both synthetic batches in one decoder call (Eq. 2, 10, 3b, 3c)."
-    m, xu, lung = tr.method, bu['image'], bu['lung']
-    sc = m.reference(tr, xu, lung, torch.maximum(*yp))
-    return cross_synthesize(m.gen, lung, yp[0], yp[1], sc, m.background(xu), m.noise_generator(tr))
-
 if benchmark:
     n_rep = 2 if IN_TEST else 20
     torch.set_num_threads(1)
@@ -418,7 +416,7 @@ if benchmark:
     print(f"{cfg.profile} profile, batch {len(bl['image'])}+{len(bu['image'])}, {torch.get_num_threads()} thread(s), median of {n_rep}:")
     for k, v in med.items(): print(f"  {k:36s} {1000*v:7.1f} ms/iter  {v/med['CPS']:5.2f}x CPS  {v/med['SA-CPS']:5.2f}x SA-CPS")
     with torch.no_grad(): yp = [pseudo_labels(s(bu['image'])) for s in t_sa.models]
-    syn = time_iterations({'ours': lambda: our_synthesis(t_sa, bu, yp),
+    syn = time_iterations({'ours': lambda: t_sa.method.synthetic_pair(t_sa, bu['image'], bu['lung'], *yp),
                            'reference-style': lambda: reference_style_synthesis(t_ref, bl, bu, yp, npy_dir, pos[0])}, n_rep)
     print(f"  synthesis of (x̂1, x̂2) alone: ours {1000*syn['ours']:.1f} ms, reference-style {1000*syn['reference-style']:.1f} ms "
           f"({syn['reference-style']/syn['ours']:.2f}x ours)")
