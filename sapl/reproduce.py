@@ -219,7 +219,7 @@ DELTA_NOTE = ('Δ: paired differences A − B on the same seeds and test volumes
 def _ablation_table(name, rows, cols, per_seed, per_volume, r0, meta, deltas) -> list:
     t = summary_table(per_seed, [r[0] for r in rows], r0)
     if t.seeds.sum() == 0: return []
-    lines = header(f"{name.replace('_', ' ').title()} — {r0:.0%} labeled (mean ± 95 % CI over seeds)", meta)
+    lines = header(f"{name.replace('table_', 'Table ')} — {r0:.0%} labeled (mean ± 95 % CI over seeds)", meta)
     lines += [f"| {' | '.join(cols)} | Method | NSD (%) | DSC (%) | seeds |", '|' + '---|'*(len(cols) + 4)]
     for (v, *marks), (_, row) in zip(rows, t.iterrows()):
         lines.append(f"| {' | '.join(marks)} | {row.method} | {fmt(row.nsd, row.nsd_ci)} | {fmt(row.dsc, row.dsc_ci)} | {row.seeds} |")
