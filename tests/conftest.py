@@ -8,7 +8,7 @@ SHARED = Path(os.environ.get('SAPL_SHARED', ROOT.parent/'shared'))
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', "slow: minutes of CPU (every method at 512 px); run by make test-slow, left out of make test")
+    config.addinivalue_line('markers', "slow: minutes of CPU (every method at 512 px); left out by make test-fast")
 
 
 def toy_chest(Z=6, Y=64, X=64, lesion=True, seed=0):
