@@ -82,8 +82,8 @@ def compare(per_volume: pd.DataFrame, # columns variant, seed, volume, metric
     if not seeds: return dict(a=a, b=b, seeds=0, diff=float('nan'), lo=float('nan'), hi=float('nan'), half=float('nan'),
                               vol_lo=float('nan'), vol_hi=float('nan'), wilcoxon_p=float('nan'), verdict='undecided')
     pa, pb = pa.loc[seeds, vols], pb.loc[seeds, vols]
-    s = paired_t(pa.mean(1).to_numpy(), pb.mean(1).to_numpy())
-    va, vb = pa.mean(0).to_numpy(), pb.mean(0).to_numpy()
+    s = paired_t(pa.mean(axis=1).to_numpy(), pb.mean(axis=1).to_numpy())
+    va, vb = pa.mean(axis=0).to_numpy(), pb.mean(axis=0).to_numpy()
     v, w = paired_bootstrap(va, vb, n_boot), wilcoxon(va, vb)
     return dict(a=a, b=b, seeds=len(seeds), diff=s['diff'], lo=s['lo'], hi=s['hi'], half=s['half'],
                 vol_lo=v['lo'], vol_hi=v['hi'], wilcoxon_p=w['p'], verdict=verdict(s['lo'], s['hi']))

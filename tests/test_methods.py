@@ -69,7 +69,7 @@ def test_sacps_and_cps_steps(out):
     lung0 = bu['lung'].clone()
     l_sa, l_cps = sa.method.train_step(sa, bl, bu), cps.method.train_step(cps, bl, bu)
     assert torch.equal(bu['lung'], lung0)
-    assert float(l_sa['l_synthetic']) > 0 and float(l_cps['l_synthetic']) == 0
+    assert float(l_sa["l_synthetic"].detach()) > 0 and float(l_cps["l_synthetic"]) == 0
     assert all(torch.isfinite(v).all() for v in l_sa.values())
     o = sa.method.o
     assert torch.allclose(l_sa['loss'], l_sa['l_s'] + o['lam']*(l_sa['l_pseudo'] + l_sa['l_synthetic']))
