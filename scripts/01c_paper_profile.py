@@ -128,7 +128,8 @@ def paper_iterations(method: str, S: int, out_dir, gen: nn.Module|None = None, b
     p = tr.predict(x)
     return dict(iterations=tr.sched.last_epoch, history=tr.history, pred_shape=tuple(p.shape), pred_finite=bool(torch.isfinite(p).all()),
                 pred_range=(float(p.min()), float(p.max())), weights_finite=all(bool(torch.isfinite(t).all()) for t in tr.models.state_dict().values()),
-                widths=tr.models[0].widths, amp=tr.amp)
+                widths=tr.models[0].widths, amp=tr.amp,
+                channels_last=all(w.is_contiguous(memory_format=torch.channels_last) for w in tr.models.parameters() if w.dim() == 4))
 
 
 # %%

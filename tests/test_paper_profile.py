@@ -28,7 +28,9 @@ def check(r, S):
 @pytest.mark.parametrize('method', METHODS)
 def test_two_iterations_paper_widths(method, sean, tmp_path):
     "Paper widths and the paper's SEAN; 64 px keeps every U-Net level (4 px bottleneck) and SEAN stage (2 px start)."
-    check(paper_iterations(method, 64, tmp_path, gen=sean), 64)
+    r = paper_iterations(method, 64, tmp_path, gen=sean)
+    check(r, 64)
+    assert not r['channels_last']       # the CPU default: contiguous
 
 
 def test_baseline_at_512(tmp_path):
@@ -52,7 +54,9 @@ def test_paper_grid_512_shapes():
 @pytest.mark.parametrize('method', METHODS)
 def test_two_iterations_paper_resolution(method, sean, tmp_path):
     "512 px, batch 2, in the channels_last layout the paper profile uses on a GPU (on the CPU it also spends less time in the SEAN decoder)."
-    check(paper_iterations(method, PAPER.size, tmp_path, gen=sean, channels_last=True), PAPER.size)
+    r = paper_iterations(method, PAPER.size, tmp_path, gen=sean, channels_last=True)
+    check(r, PAPER.size)
+    assert r['channels_last']
 
 
 BF16_RTOL = 0.01   # stated tolerance: bf16 autocast losses within 1 % of fp32 over 4 iterations (measured: <= 0.07 %)
