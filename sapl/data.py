@@ -32,14 +32,15 @@ if not log.handlers:
 if not any(type(f).__name__ == '_RouteOnce' for f in log.filters): log.addFilter(_RouteOnce())
 
 # %% auto #0
-__all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'CACHE_VERSION', 'CROP_MARGIN_MM', 'DATASETS',
-           'MOSMED_TRAIN_BANDS', 'MOSMED_TEST_BANDS', 'project_root', 'resolve', 'Profile', 'get_profile', 'DataError',
-           'load_nifti', 'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split', 'make_split', 'covid249_shape',
-           'protocol_split', 'read_split_list', 'paper_split', 'window', 'classical_lung_masks', 'lung_masks', 'Volume',
-           'semantic', 'lung_box', 'crop_resize', 'preprocess_fingerprint', 'cache_key', 'atomic_path',
-           'atomic_save_npz', 'preprocess_array', 'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet',
-           'LabeledSlices', 'UnlabeledSlices', 'DataBundle', 'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all',
-           'split_source', 'prepare_data']
+__all__ = ['log', 'PROFILES', 'LAYOUTS', 'COVID249', 'HU_WINDOW', 'FALLBACKS', 'CACHE_VERSION', 'CROP_MARGIN_MM', 'DATASETS',
+           'MOSMED_TRAIN_BANDS', 'MOSMED_TEST_BANDS', 'BENCHMARK_LUNGS', 'project_root', 'resolve', 'Profile',
+           'get_profile', 'DataError', 'load_nifti', 'check_pair', 'Case', 'detect_layout', 'find_cases', 'Split',
+           'make_split', 'covid249_shape', 'protocol_split', 'read_split_list', 'paper_split', 'window',
+           'classical_lung_masks', 'lung_masks', 'Volume', 'semantic', 'lung_box', 'crop_resize',
+           'preprocess_fingerprint', 'cache_key', 'atomic_path', 'atomic_save_npz', 'preprocess_array',
+           'preprocess_case', 'sample_aug', 'apply_aug', 'SliceSet', 'LabeledSlices', 'UnlabeledSlices', 'DataBundle',
+           'ensure_phantom', 'make_phantom_mosmed', 'preprocess_all', 'split_source', 'lung_fallback_for',
+           'prepare_data']
 
 # %% ../nbs/00_data.ipynb #e6e9f4e2
 def project_root() -> Path:
@@ -242,6 +243,8 @@ def window(hu: np.ndarray, lo: float = HU_WINDOW[0], hi: float = HU_WINDOW[1]) -
     return ((np.clip(hu, lo, hi) - lo)/(hi - lo)).astype(np.float32)
 
 # %% ../nbs/00_data.ipynb #c086a49f
+FALLBACKS = ('filled', 'threshold')
+
 def _to_lps(arr_zyx, affine):
     "Reorient a (z,y,x) array to LPS; returns (array, inverse function)."
     if affine is None: return arr_zyx, (lambda a: a)
@@ -276,11 +279,9 @@ def _largest(m):
     if n == 0: return m
     return lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
 
-def classical_lung_masks(hu: np.ndarray, spacing_mm) -> np.ndarray:
-    "Threshold-based lungs of an LPS-ordered (z,y,x) HU volume: 0 bg, 1 left, 2 right."
+def _airways(hu, cand, body, spacing_mm) -> np.ndarray:
+    "Trachea and main bronchi: the pure-air component of `cand` (< 250 ml) that reaches the top slice near the body centre."
     sz, sy, sx = spacing_mm
-    body = _fill2d(_largest(hu > -500))
-    cand = (hu < -400) & body
     air = ndi.gaussian_filter(hu, sigma=(0, 1/sy, 1/sx)) < -950
     air &= cand
     lab, n = ndi.label(air)
@@ -290,7 +291,15 @@ def classical_lung_masks(hu: np.ndarray, spacing_mm) -> np.ndarray:
         win = top[max(0, int(cy - 25/sy)):int(cy + 25/sy), max(0, int(cx - 25/sx)):int(cx + 25/sx)]
         ids = [i for i in np.unique(win) if i]
         big = {i for i in ids if (lab == i).sum()*sz*sy*sx < 2.5e5}  # the airway tree is < 250 ml
-        if big: cand &= ~np.isin(lab, list(big))
+        if big: return np.isin(lab, list(big))
+    return np.zeros(hu.shape, bool)
+
+def classical_lung_masks(hu: np.ndarray, spacing_mm) -> np.ndarray:
+    "Threshold-based lungs of an LPS-ordered (z,y,x) HU volume: 0 bg, 1 left, 2 right."
+    sz, sy, sx = spacing_mm
+    body = _fill2d(_largest(hu > -500))
+    cand = (hu < -400) & body
+    cand &= ~_airways(hu, cand, body, spacing_mm)
     lab, n = ndi.label(cand)
     if n == 0: return np.zeros(hu.shape, np.uint8)
     sizes = np.bincount(lab.ravel())[1:]
@@ -317,8 +326,10 @@ def lung_masks(hu: np.ndarray, # [Z,Y,X] HU
                spacing_mm,     # (sz, sy, sx) in the array's axis order
                affine=None,    # NIfTI affine (nibabel x,y,z order); None: x runs toward the patient's left
                weights=None,   # lungmask R231 weights file; default $SAPL_LUNGMASK_WEIGHTS
+               fallback: str = 'filled', # without weights: 'filled' (sapl.lungs) or 'threshold' (classical_lung_masks)
               ) -> np.ndarray: # [Z,Y,X] uint8: 0 background, 1 left lung, 2 right lung
-    "Left/right lung masks: lungmask when a weights file is available, else the classical fallback."
+    "Left/right lung masks: lungmask when a weights file is available, else a classical fallback."
+    if fallback not in FALLBACKS: raise ValueError(f"unknown lung-mask fallback {fallback!r}; choose one of {FALLBACKS}")
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim != 3: raise ValueError(f"hu must be a (z, y, x) array, got shape {hu.shape}")
     lps, back = _to_lps(hu, affine)
@@ -335,8 +346,11 @@ def lung_masks(hu: np.ndarray, # [Z,Y,X] HU
         r231 = LMInferer(modelpath=str(weights), force_cpu=not torch.cuda.is_available(), tqdm_disable=True).apply(lps)
         out = np.zeros_like(r231); out[r231 == 2] = 1; out[r231 == 1] = 2  # R231: 1 right, 2 left
     else:
-        log.info("lung masks: classical fallback (no lungmask weights given)")
-        out = classical_lung_masks(lps, sp)
+        log.info(f"lung masks: classical fallback '{fallback}' (no lungmask weights given)")
+        if fallback == 'filled':
+            from sapl.lungs import filled_lung_masks
+            out = filled_lung_masks(lps, sp)
+        else: out = classical_lung_masks(lps, sp)
     return back(out.astype(np.uint8))
 
 # %% ../nbs/00_data.ipynb #08720544
@@ -354,6 +368,7 @@ class Volume:
     image_path: str = ''
     label_path: str|None = None
     group: str|None = None
+    lung_findings: tuple = ()  # what `sapl.lungs.check_lungs` found odd in the lung masks (empty: nothing)
 
 def semantic(lung: np.ndarray, label: np.ndarray|None) -> np.ndarray:
     "4-class semantic mask {0 bg, 1 left, 2 right, 3 infection} as a new array (inputs untouched)."
@@ -381,15 +396,15 @@ def crop_resize(a: np.ndarray, box, size: int, mode: str = 'bilinear') -> np.nda
     return F.interpolate(t, size=(size, size), mode=mode, **kw)[:, 0].numpy()
 
 # %% ../nbs/00_data.ipynb #b84e3fab
-CACHE_VERSION = 3
-_PREPROCESS_CODE = ('preprocess_case', 'preprocess_array', 'load_nifti', 'check_pair', 'window', 'lung_masks', 'classical_lung_masks', '_to_lps',
-                    '_close2d', '_fill2d', '_largest', 'lung_box', 'crop_resize')
+CACHE_VERSION = 4
+_PREPROCESS_CODE = ('preprocess_case', 'preprocess_array', 'load_nifti', 'check_pair', 'window', 'lung_masks', 'classical_lung_masks', '_airways',
+                    '_to_lps', '_close2d', '_fill2d', '_largest', 'lung_box', 'crop_resize')
 
 @functools.lru_cache(maxsize=None)
 def preprocess_fingerprint() -> str:
     "Hash of the source code that turns a CT into a cached volume (as loaded): editing any of it invalidates the cache."
-    import inspect, sapl.data as m
-    try: text = ''.join(inspect.getsource(getattr(m, f)) for f in _PREPROCESS_CODE)
+    import inspect, sapl.data as m, sapl.lungs as lm
+    try: text = ''.join(inspect.getsource(getattr(m, f)) for f in _PREPROCESS_CODE) + ''.join(inspect.getsource(getattr(lm, f)) for f in lm.LUNG_CODE)
     except (OSError, TypeError, AttributeError): text = 'source unavailable'
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -397,9 +412,9 @@ def _stamp(p):
     if not p: return None
     st = os.stat(p); return (str(Path(p).resolve()), st.st_size, st.st_mtime_ns)
 
-def cache_key(case: Case, size: int, margin_mm: float, weights) -> str:
+def cache_key(case: Case, size: int, margin_mm: float, weights, fallback: str = 'filled') -> str:
     "Hash of everything the preprocessed volume depends on."
-    w = _stamp(weights) if weights else 'classical'
+    w = _stamp(weights) if weights else f'classical-{fallback}'
     blob = json.dumps([CACHE_VERSION, preprocess_fingerprint(), _stamp(case.image), _stamp(case.label), size, margin_mm, w], default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -428,9 +443,14 @@ def preprocess_array(hu: np.ndarray,  # [Zo,Yo,Xo] HU
                      label: np.ndarray|None = None, # [Zo,Yo,Xo] {0,1} infection, optional
                      lung: np.ndarray|None = None,  # [Zo,Yo,Xo] lungs {0,1,2} when already computed
                      hu_window=HU_WINDOW, id: str = '', image_path: str = '', label_path: str|None = None, group: str|None = None,
+                     fallback: str = 'filled', # lung-mask fallback without weights (see `lung_masks`)
                     ) -> tuple:       # (Volume, lungs [Zo,Yo,Xo] uint8 on the original grid)
-    "Lung-mask (unless given), window, crop to the lung box and resize an array already read and checked."
-    if lung is None: lung = lung_masks(hu, spacing, affine, weights)
+    "Lung-mask (unless given; the masks are then checked), window, crop to the lung box and resize an array already read and checked."
+    findings = ()
+    if lung is None:
+        from sapl.lungs import check_lungs, report_findings
+        lung = lung_masks(hu, spacing, affine, weights, fallback)
+        findings = report_findings(image_path or id, check_lungs(lung, spacing, hu))
     keep = np.nonzero(lung.any(axis=(1, 2)))[0]
     if len(keep) == 0: raise DataError(f"{image_path or id}: no lungs found")
     box = lung_box(lung[keep], spacing, margin_mm)
@@ -438,29 +458,31 @@ def preprocess_array(hu: np.ndarray,  # [Zo,Yo,Xo] HU
     lng = np.zeros((len(keep), size, size), np.uint8)
     for v in (1, 2): lng[crop_resize((lung[keep] == v).astype(np.float32), box, size) >= .5] = v
     lab = (crop_resize(label[keep], box, size) >= .5).astype(np.uint8) if label is not None else None
-    vol = Volume(id, img.clip(0, 1).astype(np.float32), lab, lng, keep, box, hu.shape, spacing, affine, image_path, label_path, group)
+    vol = Volume(id, img.clip(0, 1).astype(np.float32), lab, lng, keep, box, hu.shape, spacing, affine, image_path, label_path, group, findings)
     return vol, lung
 
-def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = CROP_MARGIN_MM, weights=None) -> Volume:
-    "Load, check, window, lung-mask, crop and resize one case (cached)."
+def preprocess_case(case: Case, size: int, cache_dir=None, margin_mm: float = CROP_MARGIN_MM, weights=None, fallback: str = 'filled') -> Volume:
+    "Load, check, window, lung-mask, crop and resize one case (cached, with the lung-mask findings)."
     weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS') or None
-    key = cache_key(case, size, margin_mm, weights) if cache_dir else None
+    key = cache_key(case, size, margin_mm, weights, fallback) if cache_dir else None
     cpath = Path(cache_dir)/f'{case.id}-{key}.npz' if cache_dir else None
     if cpath is not None and cpath.exists():
         z = np.load(cpath, allow_pickle=False)
         return Volume(case.id, z['image'], z['label'] if z['has_label'] else None, z['lung'], z['z'], tuple(z['box'].tolist()),
-                      tuple(z['shape'].tolist()), tuple(z['spacing'].tolist()), z['affine'], case.image, case.label, case.group)
+                      tuple(z['shape'].tolist()), tuple(z['spacing'].tolist()), z['affine'], case.image, case.label, case.group,
+                      tuple(str(f) for f in z['lung_findings']))
     hu, spacing, affine = load_nifti(case.image)
     label = None
     if case.label:
         label, _, laff = load_nifti(case.label, kind='mask')
         check_pair(case.image, hu.shape, affine, case.label, label.shape, laff)
     vol, _ = preprocess_array(hu, spacing, affine, size, margin_mm, weights, label, id=case.id, image_path=case.image,
-                              label_path=case.label, group=case.group)
+                              label_path=case.label, group=case.group, fallback=fallback)
     lab = vol.label
     if cpath is not None:
         atomic_save_npz(cpath, image=vol.image, label=lab if lab is not None else np.zeros(0, np.uint8), has_label=lab is not None,
-                        lung=vol.lung, z=vol.z, box=np.array(vol.box), shape=np.array(hu.shape), spacing=np.array(spacing), affine=affine)
+                        lung=vol.lung, z=vol.z, box=np.array(vol.box), shape=np.array(hu.shape), spacing=np.array(spacing), affine=affine,
+                        lung_findings=np.array(vol.lung_findings, dtype=str))
     return vol
 
 # %% ../nbs/00_data.ipynb #850ba840
@@ -579,23 +601,23 @@ def make_phantom_mosmed(out_dir='data/phantom-mosmed', n_labeled: int = 6, n_unl
     return d
 
 def _preprocess_job(job):
-    case, size, cache_dir, weights = job
-    preprocess_case(case, size, cache_dir, weights=weights)
+    case, size, cache_dir, weights, fallback = job
+    preprocess_case(case, size, cache_dir, weights=weights, fallback=fallback)
     return case.id
 
-def preprocess_all(cases: list, size: int, cache_dir, weights=None, workers: int|None = None, progress: bool = True) -> list:
+def preprocess_all(cases: list, size: int, cache_dir, weights=None, workers: int|None = None, progress: bool = True, fallback: str = 'filled') -> list:
     "Preprocessed volumes of `cases`: missing cache entries are made by a process pool (one process per core), then all are read."
     from tqdm.auto import tqdm
     weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS') or None
-    todo = [c for c in cases if not (Path(cache_dir)/f'{c.id}-{cache_key(c, size, CROP_MARGIN_MM, weights)}.npz').exists()]
+    todo = [c for c in cases if not (Path(cache_dir)/f'{c.id}-{cache_key(c, size, CROP_MARGIN_MM, weights, fallback)}.npz').exists()]
     workers = 1 if weights else max(1, min(int(workers or os.cpu_count() or 1), len(todo)))  # the R231 network uses its own threads
     if len(todo) > 1 and workers > 1:
         from sapl.phantom import process_pool
         from sapl.data import _preprocess_job as job  # a process pool pickles the task by reference
         with process_pool(workers) as ex:
-            for _ in tqdm(ex.map(job, [(c, size, cache_dir, weights) for c in todo]), total=len(todo),
+            for _ in tqdm(ex.map(job, [(c, size, cache_dir, weights, fallback) for c in todo]), total=len(todo),
                           desc=f'preprocess ({workers} processes)', disable=not progress, leave=False): pass
-    return [preprocess_case(c, size, cache_dir, weights=weights) for c in tqdm(cases, desc='load', disable=not progress or len(todo) > 1, leave=False)]
+    return [preprocess_case(c, size, cache_dir, weights=weights, fallback=fallback) for c in tqdm(cases, desc='load', disable=not progress or len(todo) > 1, leave=False)]
 
 def _restrict(v: Volume, allowed) -> Volume:
     m = np.isin(v.z, allowed)
@@ -608,10 +630,20 @@ def split_source(dataset: str, data_dir, split_dir=None) -> Path|None:
     js = resolve(data_dir)/'split.json'
     return js if dataset.startswith('phantom') and js.exists() else None
 
+BENCHMARK_LUNGS = {'phantom': 'threshold'}  # the lung-mask fallback the committed benchmark tables were made with
+
+def lung_fallback_for(dataset: str, lung_fallback: str|None = None) -> str:
+    "The lung-mask fallback of a data set: the one asked for, else BENCHMARK_LUNGS's for the benchmark's data set, else 'filled'."
+    fallback = lung_fallback or BENCHMARK_LUNGS.get(dataset, 'filled')
+    if fallback not in FALLBACKS: raise ValueError(f"unknown lung-mask fallback {fallback!r}; choose one of {FALLBACKS}")
+    return fallback
+
 def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float = 0.1, profile='quick', split_seed: int = 0,
-                 split_dir=None, cache_dir=None, weights=None, phantom_seed: int = 0, progress: bool = True) -> DataBundle:
+                 split_dir=None, cache_dir=None, weights=None, phantom_seed: int = 0, progress: bool = True,
+                 lung_fallback: str|None = None) -> DataBundle:  # None: BENCHMARK_LUNGS for the benchmark's data set, else 'filled'
     "Cases -> split -> preprocessed volumes for a run."
     from tqdm.auto import tqdm
+    fallback = lung_fallback_for(dataset, lung_fallback)
     prof = get_profile(profile) if isinstance(profile, str) else profile
     if dataset not in DATASETS: raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     data_dir = resolve(data_dir)
@@ -631,7 +663,7 @@ def prepare_data(dataset: str = 'phantom', data_dir='data/phantom', ratio: float
     cache_dir = resolve(cache_dir) if cache_dir else data_dir/'.cache'
     ids = [i for part in (split.train_l, split.train_u, split.val, split.test) for i in part]
     vols = {}
-    for i, v in zip(ids, preprocess_all([cases[i] for i in ids], prof.size, cache_dir, weights, progress=progress)):
+    for i, v in zip(ids, preprocess_all([cases[i] for i in ids], prof.size, cache_dir, weights, progress=progress, fallback=fallback)):
         vols[i] = _restrict(v, split.slices[i]) if i in split.slices else v
     get = lambda part: [vols[i] for i in part]
     return DataBundle(get(split.train_l), get(split.train_u), get(split.val), get(split.test), prof, split, str(data_dir))

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 import torch
-from .data import DataError, load_nifti, find_cases, make_split, paper_split, split_source, lung_masks, preprocess_array, window, atomic_path, resolve, log
+from .lungs import check_lungs, report_findings
+from .data import preprocess_fingerprint, DataError, load_nifti, find_cases, make_split, paper_split, split_source, lung_masks, preprocess_array, window, atomic_path, resolve, log
 from .eval import predict_volume, to_original, write_nifti
 from .unet import UNet
 from .train import RunConfig, load_checkpoint, predict_meta
@@ -247,10 +248,11 @@ def predict_case(inp: CTInput, preds: list, out_dir, weights=None, overlay: bool
     out_dir = Path(out_dir); written = []; t = time.perf_counter; t0 = t()
     try:
         hu, spacing, affine = read_ct(inp); t1 = t()
-        lung = lung_masks(hu, spacing, affine, weights); t2 = t()
+        lung = lung_masks(hu, spacing, affine, weights)
+        findings = report_findings(str(inp.path), check_lungs(lung, spacing, hu)); t2 = t()
         y_net, vol = segment(hu, spacing, affine, lung, preds, batch, inp.path)
         y, lung2 = complete_lungs(lung, y_net); t3 = t()
-        row = dict(id=inp.id, input=str(inp.path), **measure(y, lung2, spacing))
+        row = dict(id=inp.id, input=str(inp.path), **measure(y, lung2, spacing), lung_check='; '.join(findings) or 'ok')
         ref = inp.path if inp.kind == 'nifti' else vol   # the NIfTI's own header, or the DICOM geometry (Eq. P1)
         for name, arr, lab in ((f'{inp.id}_infection.nii.gz', y, False), (f'{inp.id}_lungs.nii.gz', lung2, True)):
             written.append(write_nifti(arr, ref, out_dir/name, labels=lab))
@@ -268,7 +270,7 @@ def predict_case(inp: CTInput, preds: list, out_dir, weights=None, overlay: bool
 
 # %% ../nbs/08_predict.ipynb #ac9df224
 REPORT_COLUMNS = ('id', 'category', 'involvement_pct', 'involvement_left_pct', 'involvement_right_pct', 'lung_left_ml',
-                  'lung_right_ml', 'lung_ml', 'infection_left_ml', 'infection_right_ml', 'infection_ml', 'band', 'input',
+                  'lung_right_ml', 'lung_ml', 'infection_left_ml', 'infection_right_ml', 'infection_ml', 'band', 'lung_check', 'input',
                   'infection_file', 'lungs_file', 'checkpoints', 'config_hashes', 'read_s', 'lungs_s', 'network_s', 'write_s', 'seconds')
 
 def write_report(rows: list, failed: list, preds: list, out_dir) -> tuple:
@@ -336,11 +338,11 @@ def phantom_truth(data_dir) -> dict:
 def _group(v) -> list: return [str(v)] if isinstance(v, (str, Path)) else [str(p) for p in v]
 
 def cached_lungs(image, hu, spacing, affine, weights=None, cache_dir=None) -> np.ndarray:
-    "`lung_masks` of a NIfTI file, cached in `cache_dir` under a hash of the file (path, size, mtime) and the lung method."
+    "`lung_masks` of a NIfTI file, cached in `cache_dir` under a hash of the file (path, size, mtime), the lung method and the code that makes the masks."
     weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS') or None
     if cache_dir is None: return lung_masks(hu, spacing, affine, weights)
-    st, w = os.stat(image), (str(Path(weights).resolve()), os.stat(weights).st_mtime_ns) if weights else 'classical'
-    key = hashlib.sha1(json.dumps([str(Path(image).resolve()), st.st_size, st.st_mtime_ns, w]).encode()).hexdigest()[:16]
+    st, w = os.stat(image), (str(Path(weights).resolve()), os.stat(weights).st_mtime_ns) if weights else 'classical-filled'
+    key = hashlib.sha1(json.dumps([str(Path(image).resolve()), st.st_size, st.st_mtime_ns, w, preprocess_fingerprint()]).encode()).hexdigest()[:16]
     p = Path(cache_dir)/f'lungs-{_stem(Path(image))}-{key}.npz'
     if p.exists(): return np.load(p)['lung']
     lung = lung_masks(hu, spacing, affine, weights)

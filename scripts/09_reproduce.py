@@ -225,11 +225,60 @@ _pv = pd.DataFrame([dict(variant='cps', ratio=.1, seed=s, volume=f'v{k}', dsc=.5
 _ps = per_seed(_pv); test_eq(len(_ps), 3); test_close(_ps.dsc.tolist(), [.515, .615, .715])
 test_close(summary_table(_ps, ['cps'], .1).dsc[0], .615); test_close(summary_table(_ps, ['cps'], .1).dsc_sd[0], .1)
 
+
+# %% [markdown]
+# ### Results already committed
+#
+# A fresh clone has no `runs/`: its finished runs are the committed per-volume results in `reports/per_volume.csv`. So
+# that rerunning one run (to check a committed number, or to add a seed) does not rebuild the tables from that run alone,
+# `with_committed` adds the committed rows of every (variant, ratio, seed) that has no finished run here, and a run here
+# replaces its committed rows. The committed rows are used only if the committed tables were made from the same data
+# (the data hash in the header of `table_IV.md` equals this run's); the tables then say how many runs came from the
+# committed file. `--no-committed` builds the tables from the runs here alone; `make demo` always does.
+
+# %%
+#| export
+def committed_hash(report_dir) -> str|None:
+    "The data hash in the header of `report_dir`/table_IV.md: the data the committed tables were made from (None: no table)."
+    import re
+    from sapl.data import resolve
+    p = resolve(report_dir)/'table_IV.md'
+    m = re.search(r'^- \*\*data hash\*\*: (\S+)$', p.read_text(), re.M) if p.exists() else None
+    return m.group(1) if m else None
+
+def with_committed(local: pd.DataFrame, # collect_volumes of the runs here
+                   report_dir, data_hash: str, ratios, seeds, variants) -> tuple: # (per-volume rows, runs taken from report_dir)
+    "Add the rows of `report_dir`/per_volume.csv of each (variant, ratio, seed) without a run here, if made from the same data."
+    from sapl.data import resolve
+    p, key = resolve(report_dir)/'per_volume.csv', ['variant', 'ratio', 'seed']
+    if not p.exists() or committed_hash(report_dir) != data_hash: return local, 0
+    old = pd.read_csv(p)
+    old = old[old.variant.isin(variants) & old.ratio.isin(ratios) & old.seed.isin(seeds)]
+    here = set(local[key].itertuples(index=False, name=None))
+    old = old[[k not in here for k in old[key].itertuples(index=False, name=None)]][list(local.columns)]
+    if old.empty: return local, 0
+    pv = pd.concat([f for f in (local, old) if len(f)], ignore_index=True)
+    rank = {v: i for i, v in enumerate(variants)}   # the order collect_volumes writes: variant, ratio, seed, then volume
+    pv = pv.sort_values(key, key=lambda c: c.map(rank) if c.name == 'variant' else c, kind='stable', ignore_index=True)
+    return pv, len(old[key].drop_duplicates())
+
+
+# %%
+import tempfile
+_row = lambda v, s, d: dict(variant=v, ratio=.1, seed=s, volume='v0', dsc=d, nsd=d)
+with tempfile.TemporaryDirectory() as _d:
+    pd.DataFrame([_row('cps', 0, .5), _row('cps', 1, .6), _row('sacps', 0, .7)]).to_csv(f'{_d}/per_volume.csv', index=False)
+    Path(f'{_d}/table_IV.md').write_text('# Table IV\n\n- **data hash**: abc\n')
+    _pv, _n = with_committed(pd.DataFrame([_row('cps', 1, .9)]), _d, 'abc', [.1], [0, 1], ['cps', 'sacps'])
+    test_eq(_n, 2); test_eq(_pv.dsc.tolist(), [.5, .9, .7])   # the run here replaces its committed row; rows in collected order
+    test_eq(with_committed(pd.DataFrame([_row('cps', 1, .9)]), _d, 'xyz', [.1], [0, 1], ['cps'])[1], 0)   # other data: not mixed
+
 # %% [markdown]
 # ## Tables and figures
 #
 # Every table states the profile, the seeds, the git SHA and the data hash. Table II/III list the loss/input switches as
-# in the paper; Table IV groups single- and multi-stage methods per ratio. Only variants that have finished runs appear.
+# in the paper; Table IV groups single- and multi-stage methods per ratio; `fig8.md` holds the paired differences
+# behind Fig. 8 (SA-CPS with its pool of infected styles against Self Style and Pool (N)). Only variants that have finished runs appear.
 
 # %%
 #| export
@@ -300,6 +349,10 @@ def write_tables(per_volume: pd.DataFrame, ratios, meta: dict, report_dir='repor
         lines = _ablation_table(name, rows, cols, ps, per_volume, r0, meta, deltas)
         if not lines: continue
         _atomic_text(rd/f'{name}.md', '\n'.join(lines) + '\n'); written.append(rd/f'{name}.md')
+    fig8 = delta_lines(delta_table(per_volume, r0, DELTAS_FIG8))   # Fig. 8's style choices, paired
+    if fig8:
+        lines = header(f'Fig. 8 — style source of SA-CPS, {r0:.0%} labeled (paired differences; bars in fig8.png)', meta) + fig8 + [DELTA_NOTE]
+        _atomic_text(rd/'fig8.md', '\n'.join(lines) + '\n'); written.append(rd/'fig8.md')
     lines = header('Table IV — phantom test set (mean ± 95 % CI over seeds)', meta)
     lines += ['| Ratio | Stages | Method | NSD (%) | DSC (%) | SD of DSC over seeds (pts) | seeds | NaN volumes |', '|---|---|---|---|---|---|---|---|']
     frames, deltas = [], []
@@ -604,6 +657,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1), help='runs in parallel (each single-threaded when > 1)')
     ap.add_argument('--demo', action='store_true', help='the make demo job (see the README)')
     ap.add_argument('--collect-only', action='store_true', help='only rebuild tables and figures from finished runs')
+    ap.add_argument('--no-committed', action='store_true', help='tables from the runs here alone, without the committed reports/per_volume.csv')
     ap.add_argument('--table-v', action='store_true', help='the Table V analogue on the MosMedData-like phantom instead of Tables II-IV')
     ap.add_argument('--curves', type=int, default=None, metavar='EPOCHS', help='learning curves: Baseline, CPS, SA-CPS at the first ratio and seed for EPOCHS epochs')
     return ap
@@ -661,9 +715,15 @@ def main(argv=None):
     if a.curves:
         for p in learning_curves(common, a.ratios[0], a.seeds[0], rd): print(f"wrote {p}")
         print((rd/'learning_curves.md').read_text()); return
-    pv = collect_volumes(common, a.ratios, a.seeds, variants); ps = per_seed(pv)
+    pv, n_old = collect_volumes(common, a.ratios, a.seeds, variants), 0
+    if not (a.demo or a.table_v or a.no_committed):
+        pv, n_old = with_committed(pv, rd, data.fingerprint(), a.ratios, a.seeds, variants)
+        print(f"{n_old} runs without a run folder here taken from {rd/'per_volume.csv'}" if n_old else
+              f"tables from the runs here alone (committed data hash {committed_hash(rd)}, these runs {data.fingerprint()})", flush=True)
+    ps = per_seed(pv)
     meta = {'benchmark': f"{a.dataset}: {_benchmark(data)}", 'profile': a.profile, 'seeds': sorted(set(ps.seed.tolist())),
-            'ratios': a.ratios, 'checkpoint evaluated': 'last (end of the schedule)', 'git SHA': sha, 'data hash': data.fingerprint()}
+            'ratios': a.ratios, 'checkpoint evaluated': 'last (end of the schedule)', 'git SHA': sha, 'data hash': data.fingerprint(),
+            **({'runs taken from the committed per_volume.csv': n_old} if n_old else {})}
     if a.table_v:
         for p in write_table_v(ps, TABLE_V_RATIO, meta, rd): print(f"wrote {p}")
         print((rd/'table_V.md').read_text()); return

@@ -170,6 +170,66 @@ def test_lungmask_weights_path(tmp_path, caplog):
         D.lung_masks(hu, (2.5, .8, .8), weights=str(tmp_path/'none.pth'))
 
 
+
+# ---------------------------------------------------------------- lung masks in severe disease (sapl.lungs)
+def _chest(Z=16, sp=(5., 1.5, 1.5)):
+    "A 96-px toy chest at 1.5 mm: body at 40 HU, two aerated lungs at -850 HU with noise; truth 1 left (high x), 2 right."
+    r = np.random.default_rng(1)
+    hu = np.full((Z, 96, 96), -1000, np.float32); hu[:, 10:86, 4:92] = 40
+    truth = np.zeros(hu.shape, np.uint8); truth[:, 20:74, 56:84] = 1; truth[:, 20:74, 12:40] = 2
+    hu[truth > 0] = -850
+    return hu + r.normal(0, 10, hu.shape).astype(np.float32), truth, sp
+
+def _dice(a, b): return 2*(a & b).sum()/(a.sum() + b.sum())
+
+def test_filled_keeps_a_lung_cut_in_two():
+    "A dense band cuts the right lung into an upper and a lower piece: the threshold fallback drops one, the filled one keeps both."
+    hu, truth, sp = _chest()
+    hu[7:9][truth[7:9] == 2] = 10
+    t, f = D.lung_masks(hu, sp, fallback='threshold'), D.lung_masks(hu, sp, fallback='filled')
+    rows = (truth == 2).any((1, 2))
+    assert ((t == 2).any((1, 2)) < rows).sum() >= 6        # the threshold fallback loses a whole piece
+    assert ((f == 2).any((1, 2)) == rows).all()              # the filled one has the right lung on every slice
+    assert _dice(f == 2, truth == 2) > .95 and _dice(f == 1, truth == 1) > .95
+
+def test_filled_puts_back_subpleural_consolidation():
+    "Consolidation (+20 HU) against the chest wall over 4 slices: outside the threshold mask, inside the filled one."
+    hu, truth, sp = _chest()
+    les = np.zeros_like(truth, bool); les[6:10, 30:60, 74:84] = True
+    hu[les] = 20
+    t, f = D.lung_masks(hu, sp, fallback='threshold'), D.lung_masks(hu, sp, fallback='filled')
+    assert (t[les] == 1).mean() < .5 and (f[les] == 1).mean() > .95
+    assert _dice(f == 1, truth == 1) > .99 > _dice(t == 1, truth == 1)
+
+def test_check_flags_a_lung_removed_from_slices():
+    from sapl.lungs import check_lungs
+    from sapl.phantom import phantom_volume
+    ph = phantom_volume(3, matrix=96)
+    assert check_lungs(ph['lung'], ph['spacing'], ph['hu']) == []      # the true lungs pass
+    lung = ph['lung'].copy(); zs = np.nonzero((lung == 2).any((1, 2)))[0]; cut = zs[len(zs)//2:len(zs)//2 + 3]
+    lung[cut][lung[cut] == 2] = 0
+    lung[cut] = np.where(lung[cut] == 2, 0, lung[cut])
+    found = check_lungs(lung, ph['spacing'], ph['hu'])
+    assert any(f.startswith('right lung absent on slices') and f'{cut[0]}-{cut[-1]}' in f for f in found), found
+
+def test_findings_logged_cached_and_fallback_in_key(covid_dir, tmp_path, caplog, monkeypatch):
+    "The findings of a volume are logged with its file, stored in the cache and read back; the fallback is part of the cache key."
+    c = _case(covid_dir)
+    assert D.cache_key(c, 32, 5., None, 'filled') != D.cache_key(c, 32, 5., None, 'threshold')
+    one_sided = lambda hu, *a, **k: np.where(np.arange(hu.shape[2])[None, None, :] >= hu.shape[2]//2, (hu < -400).astype(np.uint8), 0).astype(np.uint8)
+    monkeypatch.setattr(D, 'lung_masks', one_sided)       # a mask with the right lung missing
+    with caplog.at_level(logging.WARNING, logger='sapl'):
+        v = D.preprocess_case(c, 32, tmp_path)
+    assert 'no right lung' in v.lung_findings and c.image in caplog.text and 'no right lung' in caplog.text
+    monkeypatch.setattr(D, 'lung_masks', lambda *a, **k: (_ for _ in ()).throw(AssertionError('recomputed')))
+    assert D.preprocess_case(c, 32, tmp_path).lung_findings == v.lung_findings
+
+def test_benchmark_phantom_keeps_threshold_fallback():
+    "The committed benchmark's data set keeps the fallback its tables were made with; everything else gets the filled one."
+    assert D.lung_fallback_for('phantom') == 'threshold' and D.lung_fallback_for('phantom', 'filled') == 'filled'
+    assert D.lung_fallback_for('covid19-20') == 'filled' and D.lung_fallback_for('phantom-mosmed') == 'filled'
+    with pytest.raises(ValueError, match='fallback'): D.lung_fallback_for('phantom', 'convex')
+
 # ---------------------------------------------------------------- splits
 def test_make_split_nested_and_disjoint(covid_dir):
     cases = [D.Case(f'v{i:03d}', 'i', 'l') for i in range(50)] + [D.Case(f'u{i:03d}', 'i') for i in range(5)]
