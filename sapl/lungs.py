@@ -48,17 +48,21 @@ def assign_sides(cand: np.ndarray, # [Z,Y,X] bool aerated candidates
                  body: np.ndarray, # [Z,Y,X] bool
                  hu: np.ndarray,   # [Z,Y,X] HU
                  spacing,          # (sz, sy, sx) mm
-                 straddle: float = .15, min_frac: float = .005) -> tuple: # (left, right) [Z,Y,X] bool
-    "Every sizeable candidate component to the patient's left or right (Eq. L1); pure-gas components beyond the two largest dropped."
+                 straddle: float = .15, min_frac: float = .005, piece_ml: float = 1.) -> tuple: # (left, right) [Z,Y,X] bool
+    "The two largest candidate components and every further lung piece to the patient's left or right (Eq. L1)."
     sz, sy, sx = spacing
     left, right = np.zeros(cand.shape, bool), np.zeros(cand.shape, bool)
     lab, n = ndi.label(cand)
     if n == 0: return left, right
     sizes = np.bincount(lab.ravel())[1:]; order = np.argsort(sizes)[::-1]
     vox_ml = sz*sy*sx/1000; min_ml = max(0.05, min_frac*body.sum()*vox_ml)
-    keep = [int(i) + 1 for i in order if sizes[i]*vox_ml >= min_ml]
-    objs = ndi.find_objects(lab)
-    keep = keep[:2] + [k for k in keep[2:] if np.median(hu[objs[k - 1]][lab[objs[k - 1]] == k]) > GAS_HU]
+    main = [int(i) + 1 for i in order[:2] if sizes[i]*vox_ml >= min_ml]
+    if not main: return left, right
+    objs, foot = ndi.find_objects(lab), np.isin(lab, main).any(0)   # foot: [Y,X] in-plane footprint of the main lungs
+    def piece(k):  # a further piece: >= piece_ml, a quarter of it under the main lungs' footprint, not pure gas
+        m = lab[objs[k - 1]] == k
+        return foot[objs[k - 1][1:]][m.any(0)].mean() >= .25 and np.median(hu[objs[k - 1]][m]) > GAS_HU
+    keep = main + [int(i) + 1 for i in order[2:] if sizes[i]*vox_ml >= piece_ml and piece(int(i) + 1)]
     mid = np.nonzero(body.any((0, 1)))[0].mean()
     for k in keep:
         sl = objs[k - 1]; m = lab[sl] == k
