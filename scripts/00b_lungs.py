@@ -46,7 +46,7 @@ IN_TEST = bool(os.environ.get('IN_TEST'))
 #   centre, within 30 mm) and inside an estimated chest wall (the depth below the skin at which aerated lung starts, a low
 #   percentile over neighbouring slices and angles). It recovered subpleural consolidation, but near the apex and the
 #   bases the lung does not reach the wall estimate, and it grew into extrapleural tissue: Dice fell from 0.95-0.98 to
-#   0.85-0.92 on mildly diseased volumes. Rejected.
+#   0.84-0.92 on mildly diseased volumes. Rejected.
 # * **Filling between slices** (chosen): a voxel that is not aerated is lung if, at the same $(y, x)$, the same lung has
 #   aerated voxels both above it and below it within $R$ mm. Consolidation is patchy in $z$, so most of it is bracketed by
 #   aerated lung; the mediastinum and the abdomen are not (above the heart lies the mediastinum, below the lung base the
