@@ -310,12 +310,10 @@ test_eq(check_lungs(_lg, (5., 1., 1.)), ['left lung absent on slices 3-4 between
 
 # %%
 #| export
-def _dice(a, b) -> float:
-    s = a.sum() + b.sum(); return float(2*(a & b).sum()/s) if s else 1.
-
 def lung_scores(ct, truth) -> list: # one row per fallback
     "Both fallbacks on one phantom volume against its true lungs: Dice per lung, slices with a lung missing, findings, seconds."
     from sapl.data import load_nifti, lung_masks
+    from sapl.eval import dice
     import nibabel as nib
     hu, sp, aff = load_nifti(ct)
     gt = np.asarray(nib.load(str(truth)).dataobj).transpose(2, 1, 0).astype(np.uint8)
@@ -323,7 +321,7 @@ def lung_scores(ct, truth) -> list: # one row per fallback
     for fb in ('threshold', 'filled'):
         t0 = time.perf_counter(); m = lung_masks(hu, sp, aff, fallback=fb); dt = time.perf_counter() - t0
         miss = sum(int(((gt == k).any((1, 2)) & ~(m == k).any((1, 2))).sum()) for k in (1, 2))
-        rows.append(dict(fallback=fb, dice_left=_dice(m == 1, gt == 1), dice_right=_dice(m == 2, gt == 2), missing_slices=miss,
+        rows.append(dict(fallback=fb, dice_left=dice(m == 1, gt == 1), dice_right=dice(m == 2, gt == 2), missing_slices=miss,
                          findings='; '.join(check_lungs(m, sp, hu)), seconds=dt))
     rows.append(dict(fallback='truth', dice_left=1., dice_right=1., missing_slices=0, findings='; '.join(check_lungs(gt, sp, hu)), seconds=0.))
     return rows

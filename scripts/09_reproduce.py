@@ -704,7 +704,8 @@ def main(argv=None):
                   **({'sean': a.sean} if a.sean else {}))
     t0 = time.time()
     data = prepare_data(a.dataset, common['data_dir'], a.ratios[0], a.profile)  # build the data set and its cache once, before parallel runs
-    print(f"data: {data.summary()}; data hash {data.fingerprint()}", flush=True)
+    dh = data.fingerprint()   # hashes every preprocessed array: once
+    print(f"data: {data.summary()}; data hash {dh}", flush=True)
     if not a.collect_only:
         if 'full' in variants and 'baseline' not in variants: variants.insert(0, 'baseline')
         jobs = [(BY_VARIANT[v], r, s) for v in variants for r in a.ratios for s in a.seeds
@@ -717,12 +718,12 @@ def main(argv=None):
         print((rd/'learning_curves.md').read_text()); return
     pv, n_old = collect_volumes(common, a.ratios, a.seeds, variants), 0
     if not (a.demo or a.table_v or a.no_committed):
-        pv, n_old = with_committed(pv, rd, data.fingerprint(), a.ratios, a.seeds, variants)
+        pv, n_old = with_committed(pv, rd, dh, a.ratios, a.seeds, variants)
         print(f"{n_old} runs without a run folder here taken from {rd/'per_volume.csv'}" if n_old else
-              f"tables from the runs here alone (committed data hash {committed_hash(rd)}, these runs {data.fingerprint()})", flush=True)
+              f"tables from the runs here alone (committed data hash {committed_hash(rd)}, these runs {dh})", flush=True)
     ps = per_seed(pv)
     meta = {'benchmark': f"{a.dataset}: {_benchmark(data)}", 'profile': a.profile, 'seeds': sorted(set(ps.seed.tolist())),
-            'ratios': a.ratios, 'checkpoint evaluated': 'last (end of the schedule)', 'git SHA': sha, 'data hash': data.fingerprint(),
+            'ratios': a.ratios, 'checkpoint evaluated': 'last (end of the schedule)', 'git SHA': sha, 'data hash': dh,
             **({'runs taken from the committed per_volume.csv': n_old} if n_old else {})}
     if a.table_v:
         for p in write_table_v(ps, TABLE_V_RATIO, meta, rd): print(f"wrote {p}")
