@@ -11,8 +11,9 @@ from scipy import ndimage as ndi
 from .data import _fill2d, _close2d, _largest, _airways, log
 
 # %% auto #0
-__all__ = ['AIR_HU', 'DENSE_MAX_HU', 'GAS_HU', 'FILL_R_MM', 'LUNG_CODE', 'aerated_lungs', 'assign_sides', 'fill_between_slices',
-           'filled_lung_masks', 'check_lungs', 'report_findings', 'lung_scores', 'lung_report', 'lung_table']
+__all__ = ['AIR_HU', 'DENSE_MAX_HU', 'GAS_HU', 'FILL_R_MM', 'NEAR_MM', 'LUNG_CODE', 'aerated_lungs', 'assign_sides',
+           'fill_between_slices', 'recover_pieces', 'filled_lung_masks', 'check_lungs', 'report_findings',
+           'lung_scores', 'lung_report', 'lung_table']
 
 # %% ../nbs/00b_lungs.ipynb #c2592195
 AIR_HU = -400.        # aerated lung below this
@@ -35,13 +36,14 @@ def _drop_midline_tubes(cand, body, sy, sx, max_cm2: float = 6., mid_mm: float =
 
 def aerated_lungs(hu: np.ndarray, # [Z,Y,X] HU, LPS order
                   spacing,        # (sz, sy, sx) mm
+                  drop_tubes: bool = True, # also remove small central pieces per slice
                  ) -> tuple:      # (aerated candidates [Z,Y,X] bool, body [Z,Y,X] bool)
     "Aerated lung candidates inside the body, without the airway tree."
     sz, sy, sx = spacing
     body = _fill2d(_largest(hu > -500))
     cand = (hu < AIR_HU) & body
     cand &= ~_airways(hu, cand, body, spacing)
-    return _drop_midline_tubes(cand, body, sy, sx), body
+    return (_drop_midline_tubes(cand, body, sy, sx) if drop_tubes else cand), body
 
 # %% ../nbs/00b_lungs.ipynb #f3881e99
 def assign_sides(cand: np.ndarray, # [Z,Y,X] bool aerated candidates
@@ -87,21 +89,45 @@ def fill_between_slices(m: np.ndarray,       # [Z,Y,X] bool, one lung's aerated 
     above = (c[np.minimum(z + r + 1, Z)] - c[z + 1]) > 0  # any m[z+1 .. z+r]
     return m | (below & above & allowed)
 
+# %% ../nbs/00b_lungs.ipynb #43ff23e6
+NEAR_MM = 20.   # rho of Eq. L3
+_PLANE = np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))], bool)  # in-plane connectivity
+
+def recover_pieces(lung: np.ndarray,    # [Z,Y,X] uint8 {0, 1 left, 2 right} after Eq. L2
+                   aerated: np.ndarray, # [Z,Y,X] bool aerated candidates (no airways)
+                   hu: np.ndarray,      # [Z,Y,X] HU
+                   spacing,             # (sz, sy, sx) mm
+                   near_mm: float = NEAR_MM, frac: float = .5, min_mm2: float = 10.,
+                  ) -> np.ndarray:      # [Z,Y,X] uint8, with the pieces of Eq. L3 added
+    "Eq. L3: in-plane aerated pieces outside both lungs join the lung whose filled footprint within near_mm in z covers half of them."
+    sz, sy, sx = spacing
+    lab, n = ndi.label(aerated & (lung == 0), _PLANE)
+    if n == 0: return lung
+    at = np.nonzero(lab); l = lab[at]; cnt = np.maximum(np.bincount(l, minlength=n + 1), 1)
+    r = max(1, int(round(near_mm/sz)))
+    cover = [np.bincount(l, weights=ndi.maximum_filter1d((lung == k).view(np.uint8), 2*r + 1, axis=0)[at], minlength=n + 1)/cnt for k in (1, 2)]
+    gas = np.bincount(l, weights=hu[at] <= GAS_HU, minlength=n + 1)/cnt
+    ok = (np.maximum(*cover) >= frac) & (gas < .5) & (cnt*sy*sx >= min_mm2); ok[0] = False
+    out = lung.copy(); out[at] = np.where(ok, np.where(cover[0] >= cover[1], 1, 2), 0).astype(np.uint8)[l]
+    return out
+
+# %% ../nbs/00b_lungs.ipynb #531fc5b4
 def filled_lung_masks(hu: np.ndarray, # [Z,Y,X] HU, LPS order
                       spacing,        # (sz, sy, sx) mm
                       R: float = FILL_R_MM, close_mm: float = 7.,
                      ) -> np.ndarray: # [Z,Y,X] uint8: 0 background, 1 left, 2 right
-    "The 'filled' fallback: aerated lung, every sizeable piece to its side (Eq. L1), dense disease between slices (Eq. L2), closed and hole-filled."
+    "The 'filled' fallback: aerated lung, every sizeable piece to its side (Eq. L1), dense disease between slices (Eq. L2), closed and hole-filled, stray pieces recovered (Eq. L3)."
     sz, sy, sx = spacing
-    cand, body = aerated_lungs(hu, spacing)
+    aerated, body = aerated_lungs(hu, spacing, drop_tubes=False)
+    cand = _drop_midline_tubes(aerated, body, sy, sx)
     allowed, r = body & (hu < DENSE_MAX_HU), max(1, int(np.ceil(R/sz)))
     out = np.zeros(hu.shape, np.uint8)
     for value, m in zip((1, 2), assign_sides(cand, body, hu, spacing)):
         filled = _fill2d(_close2d(fill_between_slices(m, r, allowed), close_mm, sy, sx)) & body
         out[filled & (out == 0)] = value
-    return out
+    return recover_pieces(out, aerated, hu, spacing)
 
-LUNG_CODE = ('_drop_midline_tubes', 'aerated_lungs', 'assign_sides', 'fill_between_slices', 'filled_lung_masks')  # in the cache key
+LUNG_CODE = ('_drop_midline_tubes', 'aerated_lungs', 'assign_sides', 'fill_between_slices', 'recover_pieces', 'filled_lung_masks')  # in the cache key of 'filled' volumes
 
 # %% ../nbs/00b_lungs.ipynb #92929965
 def _ranges(idx) -> str:

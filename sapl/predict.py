@@ -342,7 +342,7 @@ def cached_lungs(image, hu, spacing, affine, weights=None, cache_dir=None) -> np
     weights = weights or os.environ.get('SAPL_LUNGMASK_WEIGHTS') or None
     if cache_dir is None: return lung_masks(hu, spacing, affine, weights)
     st, w = os.stat(image), (str(Path(weights).resolve()), os.stat(weights).st_mtime_ns) if weights else 'classical-filled'
-    key = hashlib.sha1(json.dumps([str(Path(image).resolve()), st.st_size, st.st_mtime_ns, w, preprocess_fingerprint()]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([str(Path(image).resolve()), st.st_size, st.st_mtime_ns, w, preprocess_fingerprint('r231' if weights else 'filled')]).encode()).hexdigest()[:16]
     p = Path(cache_dir)/f'lungs-{_stem(Path(image))}-{key}.npz'
     if p.exists(): return np.load(p)['lung']
     lung = lung_masks(hu, spacing, affine, weights)

@@ -586,7 +586,8 @@ _l = np.array([[1, 2]]); _s = semantic(_l, np.array([[0, 1]])); test_eq(_s.tolis
 # %% [markdown]
 # Preprocessed volumes are cached under `cache_dir` as `.npz`, keyed by a hash of the source files
 # (path, size, modification time), the slice size, margin, lung-mask method (weights file or fallback), a format version
-# and the source code of the preprocessing functions, those of `sapl.lungs` included (`preprocess_fingerprint`), so a second run skips preprocessing and a change of the code that
+# and the source code of the preprocessing functions, those of the lung check and of the chosen fallback in `sapl.lungs` included
+# (`preprocess_fingerprint`: editing the 'filled' fallback does not invalidate 'threshold' volumes), so a second run skips preprocessing and a change of the code that
 # makes the cached arrays (windowing, lung masks, crop) makes a new entry instead of silently reusing a stale one. Files are written to a temporary name and renamed, so an interrupted run
 # never leaves a half-written cache entry.
 
@@ -597,10 +598,11 @@ _PREPROCESS_CODE = ('preprocess_case', 'preprocess_array', 'load_nifti', 'check_
                     '_to_lps', '_close2d', '_fill2d', '_largest', 'lung_box', 'crop_resize')
 
 @functools.lru_cache(maxsize=None)
-def preprocess_fingerprint() -> str:
-    "Hash of the source code that turns a CT into a cached volume (as loaded): editing any of it invalidates the cache."
+def preprocess_fingerprint(fallback: str = 'filled') -> str:
+    "Hash of the source code that turns a CT into a cached volume (as loaded) with this lung fallback: editing any of it invalidates the cache."
     import inspect, sapl.data as m, sapl.lungs as lm
-    try: text = ''.join(inspect.getsource(getattr(m, f)) for f in _PREPROCESS_CODE) + ''.join(inspect.getsource(getattr(lm, f)) for f in lm.LUNG_CODE)
+    code = [(m, f) for f in _PREPROCESS_CODE] + [(lm, '_ranges'), (lm, 'check_lungs')] + [(lm, f) for f in (lm.LUNG_CODE if fallback == 'filled' else ())]
+    try: text = ''.join(inspect.getsource(getattr(mod, f)) for mod, f in code)
     except (OSError, TypeError, AttributeError): text = 'source unavailable'
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -611,7 +613,7 @@ def _stamp(p):
 def cache_key(case: Case, size: int, margin_mm: float, weights, fallback: str = 'filled') -> str:
     "Hash of everything the preprocessed volume depends on."
     w = _stamp(weights) if weights else f'classical-{fallback}'
-    blob = json.dumps([CACHE_VERSION, preprocess_fingerprint(), _stamp(case.image), _stamp(case.label), size, margin_mm, w], default=str)
+    blob = json.dumps([CACHE_VERSION, preprocess_fingerprint('r231' if weights else fallback), _stamp(case.image), _stamp(case.label), size, margin_mm, w], default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 @contextmanager

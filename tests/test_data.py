@@ -201,6 +201,30 @@ def test_filled_puts_back_subpleural_consolidation():
     assert (t[les] == 1).mean() < .5 and (f[les] == 1).mean() > .95
     assert _dice(f == 1, truth == 1) > .99 > _dice(t == 1, truth == 1)
 
+def test_filled_recovers_a_lung_tip_cut_off_by_ground_glass(monkeypatch):
+    "The right lung's top two slices are a small aerated tip above a ground-glass slice: stages 1-3 drop it, Eq. L3 puts it back."
+    from sapl import lungs as L
+    hu, truth, sp = _chest()
+    zs = np.nonzero((truth == 2).any((1, 2)))[0]; z0 = zs[0]
+    tip = np.zeros_like(truth, bool); tip[z0:z0 + 2] = truth[z0:z0 + 2] == 2
+    ys, xs = np.nonzero(tip[z0]); cy, cx = int(ys.mean()), int(xs.mean())
+    keep = np.zeros_like(tip); keep[z0:z0 + 2, cy - 3:cy + 3, cx - 3:cx + 3] = True
+    hu[tip & ~keep] = 40; hu[z0 + 2][truth[z0 + 2] == 2] = -300     # a 6x6 tip on two slices, ground glass below it
+    f = D.lung_masks(hu, sp, fallback='filled')
+    assert (f[z0:z0 + 2][keep[z0:z0 + 2]] == 2).all()
+    monkeypatch.setattr(L, 'recover_pieces', lambda lung, *a, **k: lung)   # without Eq. L3
+    g = D.lung_masks(hu, sp, fallback='filled')
+    assert not (g[z0:z0 + 2] == 2).any()
+
+def test_fingerprint_follows_only_the_chosen_fallback(monkeypatch):
+    "Editing the filled fallback's code changes the 'filled' cache key, not the 'threshold' one."
+    from sapl import lungs as L
+    before = {fb: D.preprocess_fingerprint(fb) for fb in D.FALLBACKS}
+    monkeypatch.setattr(L, 'LUNG_CODE', L.LUNG_CODE[:-1]); D.preprocess_fingerprint.cache_clear()
+    try: after = {fb: D.preprocess_fingerprint(fb) for fb in D.FALLBACKS}
+    finally: D.preprocess_fingerprint.cache_clear()
+    assert after['threshold'] == before['threshold'] and after['filled'] != before['filled']
+
 def test_check_flags_a_lung_removed_from_slices():
     from sapl.lungs import check_lungs
     from sapl.phantom import phantom_volume
