@@ -255,24 +255,28 @@ def _to_lps(arr_zyx, affine):
     return np.ascontiguousarray(conv(arr_zyx, fwd)), (lambda a: np.ascontiguousarray(conv(a, inv)))
 
 def _close2d(m, r_mm: float, sy: float, sx: float):
-    "Slice-wise closing with a disc of radius r_mm, via Euclidean distance transforms on the mask's bounding box."
+    "Slice-wise closing with a disc of radius r_mm, via 2D Euclidean distance transforms on the mask's bounding box, slices with mask only."
     if not m.any(): return m.copy()
     pad = int(np.ceil(r_mm/min(sy, sx))) + 2
     ys, xs = np.nonzero(m.any(0))
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    sub = np.pad(m[:, y0:y1, x0:x1], ((0, 0), (pad, pad), (pad, pad)))
-    samp = (1e9, sy, sx)  # no distance across slices
-    dil = ndi.distance_transform_edt(~sub, sampling=samp) <= r_mm
-    closed = ndi.distance_transform_edt(dil, sampling=samp) > r_mm
-    out = m.copy()
-    Y, X = m.shape[1:]
+    out, (Y, X) = m.copy(), m.shape[1:]
     cy0, cx0 = y0 - pad, x0 - pad
-    ty0, tx0 = max(cy0, 0), max(cx0, 0); ty1, tx1 = min(cy0 + sub.shape[1], Y), min(cx0 + sub.shape[2], X)
-    out[:, ty0:ty1, tx0:tx1] |= closed[:, ty0-cy0:ty1-cy0, tx0-cx0:tx1-cx0]
+    ty0, tx0 = max(cy0, 0), max(cx0, 0); ty1, tx1 = min(y1 + pad, Y), min(x1 + pad, X)
+    for z in np.nonzero(m.any((1, 2)))[0]:   # an empty slice stays empty
+        sub = np.pad(m[z, y0:y1, x0:x1], pad)
+        dil = ndi.distance_transform_edt(~sub, sampling=(sy, sx)) <= r_mm
+        closed = ndi.distance_transform_edt(dil, sampling=(sy, sx)) > r_mm
+        out[z, ty0:ty1, tx0:tx1] |= closed[ty0-cy0:ty1-cy0, tx0-cx0:tx1-cx0]
     return out
 
-def _fill2d(m):
-    return np.stack([ndi.binary_fill_holes(s) for s in m])
+def _fill2d(m): # [Z,Y,X] bool -> same, the holes of every slice filled
+    "`ndi.binary_fill_holes` per slice, in one labelling: background pieces (in-plane, 4-connected) that touch no slice border are holes."
+    lab, n = ndi.label(~m, [np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))])
+    edge = np.zeros(n + 1, bool)
+    for e in (lab[:, 0], lab[:, -1], lab[:, :, 0], lab[:, :, -1]): edge[e] = True
+    edge[0] = False
+    return ~edge[lab]
 
 def _largest(m):
     lab, n = ndi.label(m)

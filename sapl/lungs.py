@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from .data import _fill2d, _close2d, _largest, _airways, log
 
 # %% auto #0
-__all__ = ['AIR_HU', 'DENSE_MAX_HU', 'GAS_HU', 'FILL_R_MM', 'NEAR_MM', 'LUNG_CODE', 'aerated_lungs', 'assign_sides',
+__all__ = ['AIR_HU', 'DENSE_MAX_HU', 'GAS_HU', 'FILL_R_MM', 'NEAR_MM', 'LUNG_CODE', 'END_SLICES', 'aerated_lungs', 'assign_sides',
            'fill_between_slices', 'recover_pieces', 'filled_lung_masks', 'check_lungs', 'report_findings',
            'lung_scores', 'lung_report', 'lung_table']
 
@@ -19,20 +19,20 @@ __all__ = ['AIR_HU', 'DENSE_MAX_HU', 'GAS_HU', 'FILL_R_MM', 'NEAR_MM', 'LUNG_COD
 AIR_HU = -400.        # aerated lung below this
 DENSE_MAX_HU = 150.   # dense disease below this (bone above)
 GAS_HU = -975.        # median HU of pure gas (stomach, bowel); lung parenchyma with its vessels sits higher
+_PLANE = np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))], bool)  # in-plane connectivity
 
 def _drop_midline_tubes(cand, body, sy, sx, max_cm2: float = 6., mid_mm: float = 30., rel: float = .25) -> np.ndarray:
     "Per slice: candidate pieces under `max_cm2` and under `rel` of the slice's largest piece, centred within `mid_mm` of the midline, removed."
     xs = np.nonzero(body.any((0, 1)))[0]
     if len(xs) == 0: return cand
-    cx, out = xs.mean(), cand.copy()
-    for z in range(cand.shape[0]):
-        lab, n = ndi.label(cand[z])
-        if n == 0: continue
-        area = np.bincount(lab.ravel())[1:]*sy*sx/100
-        xc = np.asarray(ndi.center_of_mass(cand[z], lab, range(1, n + 1)))[:, 1]
-        small = np.nonzero((area < max_cm2) & (area < rel*area.max()) & (np.abs(xc - cx)*sx < mid_mm))[0] + 1
-        if len(small): out[z] &= ~np.isin(lab, small)
-    return out
+    lab, n = ndi.label(cand, _PLANE)             # in-plane pieces of every slice at once
+    if n == 0: return cand
+    at = np.nonzero(lab); l = lab[at]; cnt = np.maximum(np.bincount(l, minlength=n + 1), 1)
+    area, xc = cnt*sy*sx/100, np.bincount(l, weights=at[2], minlength=n + 1)/cnt
+    z = np.zeros(n + 1, int); z[l] = at[0]       # the slice of each piece
+    top = np.zeros(cand.shape[0]); np.maximum.at(top, z[1:], area[1:])   # the largest piece of each slice
+    small = (area < max_cm2) & (area < rel*top[z]) & (np.abs(xc - xs.mean())*sx < mid_mm); small[0] = False
+    return cand & ~small[lab]
 
 def aerated_lungs(hu: np.ndarray, # [Z,Y,X] HU, LPS order
                   spacing,        # (sz, sy, sx) mm
@@ -51,7 +51,7 @@ def assign_sides(cand: np.ndarray, # [Z,Y,X] bool aerated candidates
                  hu: np.ndarray,   # [Z,Y,X] HU
                  spacing,          # (sz, sy, sx) mm
                  straddle: float = .15, min_frac: float = .005, piece_ml: float = 1.) -> tuple: # (left, right) [Z,Y,X] bool
-    "The two largest candidate components and every further lung piece to the patient's left or right (Eq. L1)."
+    "The two largest candidate components and every further lung piece to the patient's left or right (Eq. L1), then every in-plane piece."
     sz, sy, sx = spacing
     left, right = np.zeros(cand.shape, bool), np.zeros(cand.shape, bool)
     lab, n = ndi.label(cand)
@@ -73,6 +73,18 @@ def assign_sides(cand: np.ndarray, # [Z,Y,X] bool aerated candidates
         if straddle < f < 1 - straddle: left[sl] |= m & (x >= mid); right[sl] |= m & (x < mid)
         elif f >= .5: left[sl] |= m
         else: right[sl] |= m
+    return _split_straddling(left, right, mid, straddle)
+
+def _split_straddling(left, right, mid, straddle=.15) -> tuple:
+    "Eq. L1 per in-plane piece: a piece of one lung's label with more than `straddle` of it on each side of x = mid is split at mid."
+    lab, n = ndi.label(left | right, _PLANE)
+    if n == 0: return left, right
+    at = np.nonzero(lab); l = lab[at]; cnt = np.maximum(np.bincount(l, minlength=n + 1), 1)
+    f = np.bincount(l, weights=at[2] >= mid, minlength=n + 1)/cnt
+    n_left = np.bincount(l, weights=left[at], minlength=n + 1)
+    split = (f > straddle) & (f < 1 - straddle) & ((n_left == 0) | (n_left == cnt)); split[0] = False
+    sel = split[l]; on_left = at[2][sel] >= mid; vox = tuple(a[sel] for a in at)
+    left, right = left.copy(), right.copy(); left[vox] = on_left; right[vox] = ~on_left
     return left, right
 
 # %% ../nbs/00b_lungs.ipynb #13d1dfec
@@ -83,33 +95,56 @@ def fill_between_slices(m: np.ndarray,       # [Z,Y,X] bool, one lung's aerated 
                         allowed: np.ndarray, # [Z,Y,X] bool, voxels that may be filled (D of Eq. L2)
                        ) -> np.ndarray:      # [Z,Y,X] bool, M-hat of Eq. L2
     "Eq. L2: add the allowed voxels with lung at the same (y, x) both within r slices above and within r slices below."
+    if not m.any(): return m.copy()
+    ys, xs = np.nonzero(m.any(0)); box = np.s_[:, ys.min():ys.max() + 1, xs.min():xs.max() + 1]   # nothing is added outside m's (y, x) box
+    out, m, allowed = m.copy(), m[box], allowed[box]
     Z = m.shape[0]; z = np.arange(Z)
     c = np.concatenate([np.zeros((1,) + m.shape[1:], np.int32), np.cumsum(m, 0, dtype=np.int32)])  # c[k] = sum m[:k]
     below = (c[z] - c[np.maximum(z - r, 0)]) > 0          # any m[z-r .. z-1]
     above = (c[np.minimum(z + r + 1, Z)] - c[z + 1]) > 0  # any m[z+1 .. z+r]
-    return m | (below & above & allowed)
+    out[box] |= below & above & allowed
+    return out
 
 # %% ../nbs/00b_lungs.ipynb #43ff23e6
 NEAR_MM = 20.   # rho of Eq. L3
-_PLANE = np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))], bool)  # in-plane connectivity
 
 def recover_pieces(lung: np.ndarray,    # [Z,Y,X] uint8 {0, 1 left, 2 right} after Eq. L2
                    aerated: np.ndarray, # [Z,Y,X] bool aerated candidates (no airways)
                    hu: np.ndarray,      # [Z,Y,X] HU
                    spacing,             # (sz, sy, sx) mm
-                   near_mm: float = NEAR_MM, frac: float = .5, min_mm2: float = 10.,
+                   near_mm: float = NEAR_MM, frac: float = .5, min_mm2: float = 10., max_ml: float = 5.,
                   ) -> np.ndarray:      # [Z,Y,X] uint8, with the pieces of Eq. L3 added
-    "Eq. L3: in-plane aerated pieces outside both lungs join the lung whose filled footprint within near_mm in z covers half of them."
+    "Eq. L3: aerated pieces outside both lungs join the lung whose filled footprint covers half of them (a), or the one lung they touch (b)."
     sz, sy, sx = spacing
     lab, n = ndi.label(aerated & (lung == 0), _PLANE)
     if n == 0: return lung
     at = np.nonzero(lab); l = lab[at]; cnt = np.maximum(np.bincount(l, minlength=n + 1), 1)
-    r = max(1, int(round(near_mm/sz)))
-    cover = [np.bincount(l, weights=ndi.maximum_filter1d((lung == k).view(np.uint8), 2*r + 1, axis=0)[at], minlength=n + 1)/cnt for k in (1, 2)]
+    r, box = max(1, int(round(near_mm/sz))), np.s_[:, at[1].min():at[1].max() + 1, at[2].min():at[2].max() + 1]
+    at_box = (at[0], at[1] - at[1].min(), at[2] - at[2].min())   # the filter runs along z only, inside the pieces' (y, x) box
+    cover = [np.bincount(l, weights=ndi.maximum_filter1d((lung[box] == k).view(np.uint8), 2*r + 1, axis=0)[at_box], minlength=n + 1)/cnt for k in (1, 2)]
     gas = np.bincount(l, weights=hu[at] <= GAS_HU, minlength=n + 1)/cnt
     ok = (np.maximum(*cover) >= frac) & (gas < .5) & (cnt*sy*sx >= min_mm2); ok[0] = False
     out = lung.copy(); out[at] = np.where(ok, np.where(cover[0] >= cover[1], 1, 2), 0).astype(np.uint8)[l]
+    return _join_touching(out, aerated, hu, sz*sy*sx/1000, max_ml)
+
+def _join_touching(lung, aerated, hu, vox_ml: float, max_ml: float) -> np.ndarray:
+    "Eq. L3b: 3D pieces of aerated candidates outside both lungs, at most max_ml and not gas, that touch exactly one lung join it."
+    rest = aerated & (lung == 0)
+    lab, n = ndi.label(rest)
+    if n == 0: return lung
+    at = np.nonzero(lab); l = lab[at]; cnt = np.maximum(np.bincount(l, minlength=n + 1), 1)
+    touch = np.zeros((3, n + 1), bool)                                  # touch[k, j]: piece j has a face neighbour in lung k
+    for axis in range(3):
+        for step in (-1, 1):
+            q = at[axis] + step; inside = (q >= 0) & (q < lung.shape[axis])
+            nb = tuple(np.where(inside, q, 0) if a == axis else c for a, c in enumerate(at))
+            touch[np.where(inside, lung[nb], 0), l] = True
+    touch = touch[1:]
+    gas = np.bincount(l, weights=hu[at] <= GAS_HU, minlength=n + 1)/cnt
+    ok = (touch[0] ^ touch[1]) & (cnt*vox_ml <= max_ml) & (gas < .5); ok[0] = False
+    out = lung.copy(); out[at] = np.where(ok, np.where(touch[0], 1, 2), 0).astype(np.uint8)[l]
     return out
+
 
 # %% ../nbs/00b_lungs.ipynb #531fc5b4
 def filled_lung_masks(hu: np.ndarray, # [Z,Y,X] HU, LPS order
@@ -127,7 +162,8 @@ def filled_lung_masks(hu: np.ndarray, # [Z,Y,X] HU, LPS order
         out[filled & (out == 0)] = value
     return recover_pieces(out, aerated, hu, spacing)
 
-LUNG_CODE = ('_drop_midline_tubes', 'aerated_lungs', 'assign_sides', 'fill_between_slices', 'recover_pieces', 'filled_lung_masks')  # in the cache key of 'filled' volumes
+LUNG_CODE = ('_drop_midline_tubes', 'aerated_lungs', 'assign_sides', '_split_straddling', 'fill_between_slices', 'recover_pieces',
+             '_join_touching', 'filled_lung_masks')  # in the cache key of 'filled' volumes
 
 # %% ../nbs/00b_lungs.ipynb #92929965
 def _ranges(idx) -> str:
@@ -168,6 +204,13 @@ def report_findings(name: str, findings: list) -> tuple:
     return tuple(findings)
 
 # %% ../nbs/00b_lungs.ipynb #0fa8bb19
+END_SLICES = 5   # a slice this close to the first or last slice of a lung is one of its end slices
+
+def _near_ends(present): # [Z] bool -> [Z] bool, the first and last END_SLICES slices of the run
+    z, out = np.nonzero(present)[0], np.zeros_like(present)
+    if len(z): out[z[0]:z[0]+END_SLICES] = out[max(z[-1]-END_SLICES+1, 0):z[-1]+1] = True
+    return out
+
 def lung_scores(ct, truth) -> list: # one row per fallback
     "Both fallbacks on one phantom volume against its true lungs: Dice per lung, missing slices, dense lung recovered, findings, seconds."
     from sapl.data import load_nifti, lung_masks
@@ -181,8 +224,10 @@ def lung_scores(ct, truth) -> list: # one row per fallback
         t0 = time.perf_counter(); m = gt if fb == 'truth' else lung_masks(hu, sp, aff, fallback=fb); dt = time.perf_counter() - t0
         miss = [((gt == k).any((1, 2)) & ~((m == k) & (gt == k)).any((1, 2))) for k in (1, 2)]   # none of the true lung on the slice
         opaque = [mz & ~((gt == k) & (hu < AIR_HU)).any((1, 2)) for k, mz in zip((1, 2), miss)]  # ... which has no aerated voxel
+        end = [mz & ~oz & _near_ends((gt == k).any((1, 2))) for k, mz, oz in zip((1, 2), miss, opaque)]  # ... or has, near an end
         rows.append(dict(fallback=fb, dice_left=dice(m == 1, gt == 1), dice_right=dice(m == 2, gt == 2),
                          missing_slices=int(sum(x.sum() for x in miss)), missing_opaque=int(sum(x.sum() for x in opaque)),
+                         missing_end=int(sum(x.sum() for x in end)),
                          dense_ml=float(dense.sum()*np.prod(sp)/1000), dense_found_ml=float((dense & (m == gt)).sum()*np.prod(sp)/1000),
                          findings='; '.join(check_lungs(m, sp, hu)), seconds=0. if fb == 'truth' else dt))
     return rows
@@ -224,7 +269,8 @@ def lung_table(df, data_dir) -> str:
     lines += ['', f"The check flags {int((tr.findings.fillna('') != '').sum())} of the {len(tr)} true lung masks.", '',
               '**What limits the filled fallback** (from the columns above): it starts from aerated lung, so a slice whose lung is',
               f'opaque throughout has no seed: {int(fl.missing_opaque.sum())} of its {int(fl.missing_slices.sum())} missing slices are such slices; '
-              'the rest are end slices whose aerated pieces lie outside the same lung\'s footprint of Eq. L3. Dense lung is put back only',
+              f'of the other {int((fl.missing_slices - fl.missing_opaque).sum())}, {int(fl.missing_end.sum())} lie within {END_SLICES} slices of the '
+              'lung\'s first or last slice, where a few aerated voxels have no aerated lung of the same side next to them. Dense lung is put back only',
               f'where aerated lung of the same side brackets it within R in z (Eq. L2) or encloses it in-plane: it finds '
               f'{fl.dense_found_ml.sum()/max(fl.dense_ml.sum(), 1e-9):.0%} of the dense lung over all volumes '
               f'(Spearman ρ over volumes between the dense ml and the mean Dice of the two lungs: {fl.dense_ml.corr((fl.dice_left + fl.dice_right)/2, method="spearman"):.2f}).']

@@ -216,6 +216,33 @@ def test_filled_recovers_a_lung_tip_cut_off_by_ground_glass(monkeypatch):
     g = D.lung_masks(hu, sp, fallback='filled')
     assert not (g[z0:z0 + 2] == 2).any()
 
+def _slab(z=12):
+    "A 64 x 64 body with both lungs' region set to soft tissue, 5 x 2 x 2 mm voxels, for hand-drawn lung pieces."
+    hu = np.full((z, 64, 64), -1000, np.float32); hu[:, 8:56, 4:60] = 40
+    return hu, (5., 2., 2.)
+
+def test_filled_splits_lungs_that_meet_behind_the_heart(monkeypatch):
+    "A medial column holding both lungs on the lowest slices, joined to the left lung only higher up: split at the midline (Eq. L1 per piece)."
+    from sapl import lungs as L
+    hu, sp = _slab()
+    hu[:, 16:40, 10:28] = -850; hu[:, 16:40, 36:54] = -850; hu[:, 42:54, 26:38] = -850; hu[11, 40:42, 36:38] = -850
+    f = L.filled_lung_masks(hu, sp)
+    assert (f[:11, 46:50, 27:30] == 2).all() and (f[:11, 46:50, 33:36] == 1).all()
+    monkeypatch.setattr(L, '_split_straddling', lambda left, right, *a: (left, right))   # Eq. L1 per 3D component only
+    assert not (L.filled_lung_masks(hu, sp)[:11, 46:50, 27:30] == 2).any()
+
+def test_filled_joins_a_base_piece_that_touches_one_lung(monkeypatch):
+    "A base piece medial to the right lung, linked to it through a central piece the tube rule drops: Eq. L3b puts it back, gas stays out."
+    from sapl import lungs as L
+    hu, sp = _slab()
+    hu[6:, 16:48, 10:28] = -850; hu[5, 16:46, 10:28] = -850; hu[5:, 16:48, 36:54] = -850
+    hu[:5, 50:53, 24:30] = -850; hu[5, 47:51, 24:30] = -850
+    gas = hu.copy(); gas[:5, 50:53, 24:30] = -1000; gas[5, 47:51, 24:30] = -1000
+    assert (L.filled_lung_masks(hu, sp)[:5, 51, 27] == 2).all()
+    assert not L.filled_lung_masks(gas, sp)[:5, 51, 27].any()
+    monkeypatch.setattr(L, '_join_touching', lambda lung, *a: lung)   # without Eq. L3b
+    assert not L.filled_lung_masks(hu, sp)[:5, 51, 27].any()
+
 def test_fingerprint_follows_only_the_chosen_fallback(monkeypatch):
     "Editing the filled fallback's code changes the 'filled' cache key, not the 'threshold' one."
     from sapl import lungs as L
