@@ -145,7 +145,6 @@ def _join_touching(lung, aerated, hu, vox_ml: float, max_ml: float) -> np.ndarra
     out = lung.copy(); out[at] = np.where(ok, np.where(touch[0], 1, 2), 0).astype(np.uint8)[l]
     return out
 
-
 # %% ../nbs/00b_lungs.ipynb #531fc5b4
 def filled_lung_masks(hu: np.ndarray, # [Z,Y,X] HU, LPS order
                       spacing,        # (sz, sy, sx) mm

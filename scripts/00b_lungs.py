@@ -298,7 +298,6 @@ def _join_touching(lung, aerated, hu, vox_ml: float, max_ml: float) -> np.ndarra
     return out
 
 
-
 # %% [markdown]
 # ## The fallback
 #
